@@ -1,0 +1,23 @@
+"""fxq: automatic int8 quantization of PyTorch models through FX graph mode.
+
+    qmodel = fxq.quantize(model, example_inputs, calibration_data=batches)
+
+The public API is re-exported here; everything else is an implementation detail.
+"""
+
+from fxq.api import Inspection, convert, freeze_bn_stats, freeze_observers, inspect, prepare_qat, quantize
+from fxq.calibration import inputs_only
+from fxq.config import QuantOptions
+from fxq.errors import (BackendError, CalibrationError, ConfigError, FxqError, InputError, MissingExtraError,
+                        SerializationError, TraceError)
+from fxq.serialize import load, save
+from fxq.summary import QuantizationSummary, summary_of
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "quantize", "prepare_qat", "convert", "freeze_observers", "freeze_bn_stats", "inspect", "Inspection",
+    "inputs_only", "save", "load", "summary_of", "QuantizationSummary", "QuantOptions",
+    "FxqError", "ConfigError", "InputError", "TraceError", "BackendError", "CalibrationError",
+    "SerializationError", "MissingExtraError",
+]

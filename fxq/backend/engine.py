@@ -1,0 +1,263 @@
+"""The quantization engine: the only module that drives torch.ao.quantization's FX flow.
+
+Everything PyTorch-specific about qconfigs, prepare, convert and the int8 CPU kernels lives here (and in
+`observers.py` / `kernels.py` beside it), so a second engine (torchao PT2E) can be added behind the same
+functions without touching the front end, the recovery passes or the analysis.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import fx, nn
+from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization import observer as ao_observer
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.qconfig import default_dynamic_qconfig, per_channel_dynamic_qconfig
+from torch.ao.quantization.qconfig_mapping import get_default_qat_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx, prepare_qat_fx
+
+from fxq.backend.observers import MSEObserver, PercentileObserver
+from fxq.config import Backend, Observer, QuantOptions
+from fxq.errors import BackendError
+
+# torch.ao prints a deprecation notice on every prepare/convert; fxq pins the version and says so once.
+warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
+warnings.filterwarnings("ignore", message=r"(?s).*For migrations of users.*")
+warnings.filterwarnings("ignore", message=r".*_empty_affine_quantized.*")
+warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\.quantization.*")
+
+WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which int8 kernel library runs the model, and what fxq measured about it on this CPU."""
+
+    engine: str
+    reduce_range: bool
+    kernel_saturates: bool
+    reason: str
+
+
+def available_engines() -> list[str]:
+    return [e for e in torch.backends.quantized.supported_engines if e != "none"]
+
+
+@contextlib.contextmanager
+def using_engine(engine: str) -> Iterator[None]:
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def probe_kernel_saturation(engine: str) -> bool:
+    """True when the engine's int8 conv saturates its 16-bit pairwise products (x86 without VNNI).
+
+    Inputs all 255 and weights all 127 over 64 input channels must give 64.0; a kernel that adds
+    u8*s8 pairs in int16 (vpmaddubsw) clips each pair at 32767 and returns about half.
+    """
+    import torch.ao.nn.quantized as nnq
+
+    with using_engine(engine):
+        conv = nnq.Conv2d(64, 1, 1)
+        weight = torch.quantize_per_tensor(torch.ones(1, 64, 1, 1), 1.0 / 127, 0, torch.qint8)
+        conv.set_weight_bias(weight, None)
+        conv.scale, conv.zero_point = 0.5, 0
+        x = torch.quantize_per_tensor(torch.ones(1, 64, 2, 2), 1.0 / 255, 0, torch.quint8)
+        result = float(conv(x).dequantize().mean())
+    return abs(result - 64.0) > 1.0
+
+
+def select_engine(options: QuantOptions) -> EngineChoice:
+    """Resolve `backend="auto"` and the activation range for this CPU, checking the engine exists."""
+    available = available_engines()
+    machine = platform.machine().lower()
+    if options.backend is Backend.AUTO:
+        engine = "qnnpack" if machine in ("arm64", "aarch64") or machine.startswith("arm") else "x86"
+        why = f"auto: {machine} CPU"
+    else:
+        engine = options.backend.value
+        why = "requested"
+    if engine not in available:
+        raise BackendError(f"backend '{engine}' is not available in this PyTorch build on this CPU "
+                           f"({machine}); available: {', '.join(available)}")
+    saturates = probe_kernel_saturation(engine) if engine != "qnnpack" else False
+    if options.reduce_range is not None:
+        reduce_range = options.reduce_range
+        why += f"; reduce_range={reduce_range} requested"
+    else:
+        # Measured, not assumed from CPU flags: a saturating kernel needs 7-bit activations.
+        reduce_range = saturates
+        why += ("; probe: int8 conv saturates 16-bit pair sums on this CPU (no VNNI), so activations "
+                "are 7-bit" if saturates else "; probe: int8 conv does not saturate, so activations are 8-bit")
+    return EngineChoice(engine, reduce_range, saturates, why)
+
+
+def _activation_observer(kind: Observer, reduce_range: bool):
+    common = dict(dtype=torch.quint8, reduce_range=reduce_range)
+    table = {
+        Observer.MINMAX: ao_observer.MinMaxObserver,
+        Observer.MOVING_AVERAGE: ao_observer.MovingAverageMinMaxObserver,
+        Observer.HISTOGRAM: ao_observer.HistogramObserver,
+        Observer.AUTO: ao_observer.HistogramObserver,
+        Observer.PERCENTILE: PercentileObserver,
+        Observer.MSE: MSEObserver,
+    }
+    return table[kind].with_args(**common)
+
+
+def _weight_observer(per_channel: bool, seven_bit: bool = False):
+    bounds = dict(quant_min=-64, quant_max=63) if seven_bit else {}
+    if per_channel:
+        return ao_observer.PerChannelMinMaxObserver.with_args(
+            dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **bounds)
+    return ao_observer.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **bounds)
+
+
+def _matches(module_name: str, module: nn.Module, keys: Iterable[Any]) -> bool:
+    for key in keys:
+        if isinstance(key, str) and (module_name == key or module_name.startswith(key + ".")):
+            return True
+        if isinstance(key, type) and isinstance(module, key):
+            return True
+    return False
+
+
+def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choice: EngineChoice,
+                                 keep_float: Iterable[str] = ()) -> QConfigMapping:
+    """Global static qconfig plus per-layer overrides (observer choice, float layers) by module name."""
+    weight = _weight_observer(options.per_channel_weights)
+    mapping = QConfigMapping().set_global(
+        QConfig(activation=_activation_observer(options.activation_observer, choice.reduce_range), weight=weight))
+    float_keys = list(options.keep_float) + list(keep_float)
+    for name, module in gm.named_modules():
+        if not name:
+            continue
+        if _matches(name, module, float_keys):
+            mapping.set_module_name(name, None)
+            continue
+        for key, observer_kind in options.observer_overrides.items():
+            if _matches(name, module, [key]):
+                mapping.set_module_name(name, QConfig(
+                    activation=_activation_observer(observer_kind, choice.reduce_range), weight=weight))
+    return mapping
+
+
+def _custom_config(non_traceable: Iterable[str]) -> PrepareCustomConfig:
+    return PrepareCustomConfig().set_non_traceable_module_names(sorted(non_traceable))
+
+
+def prepare_static(gm: fx.GraphModule, mapping: QConfigMapping, example_inputs: tuple,
+                   choice: EngineChoice, non_traceable: Iterable[str] = ()) -> fx.GraphModule:
+    """Insert observers (static PTQ) into an eval-mode traced model."""
+    with using_engine(choice.engine):
+        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
+
+
+def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
+                keep_float: Iterable[Any] = (), non_traceable: Iterable[str] = ()) -> fx.GraphModule:
+    """Insert fake-quant modules (with BN folding during training) into a train-mode model."""
+    mapping = get_default_qat_qconfig_mapping(choice.engine)
+    if not choice.reduce_range and choice.engine in ("x86", "fbgemm"):
+        from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize, \
+            default_fused_per_channel_wt_fake_quant
+
+        activation = FusedMovingAvgObsFakeQuantize.with_args(
+            observer=ao_observer.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=False)
+        mapping.set_global(QConfig(activation=activation, weight=default_fused_per_channel_wt_fake_quant))
+    for name, module in model.named_modules():
+        if name and _matches(name, module, keep_float):
+            mapping.set_module_name(name, None)
+    with using_engine(choice.engine):
+        return prepare_qat_fx(model, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
+
+
+def prepare_dynamic(gm: nn.Module, example_inputs: tuple, options: QuantOptions, choice: EngineChoice,
+                    non_traceable: Iterable[str] = ()) -> fx.GraphModule:
+    """Dynamic quantization: int8 weights for Linear and recurrent layers, activations quantized per call."""
+    qconfig = per_channel_dynamic_qconfig if options.per_channel_weights else default_dynamic_qconfig
+    mapping = QConfigMapping()
+    for module_type in DYNAMIC_TYPES:
+        # recurrent kernels take per-tensor weights only
+        mapping.set_object_type(module_type, qconfig if module_type is nn.Linear else default_dynamic_qconfig)
+    for name, module in gm.named_modules():
+        if name and _matches(name, module, options.keep_float):
+            mapping.set_module_name(name, None)
+    with using_engine(choice.engine):
+        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
+
+
+def convert(prepared: fx.GraphModule, choice: EngineChoice) -> fx.GraphModule:
+    """Lower an observed or QAT model to int8 kernels."""
+    with using_engine(choice.engine):
+        return convert_fx(prepared)
+
+
+def convert_reference(prepared: fx.GraphModule, choice: EngineChoice) -> fx.GraphModule:
+    """Float simulation of the int8 model (quantize/dequantize pairs, fake-quantized weights)."""
+    with using_engine(choice.engine):
+        return convert_to_reference_fx(prepared)
+
+
+def observers(prepared: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(name, observer) for every activation observer a prepared model holds."""
+    for name, module in prepared.named_modules():
+        if isinstance(module, ao_observer.ObserverBase) and "activation_post_process" in name:
+            yield name, module
+
+
+def freeze_observers(qat_model: nn.Module) -> nn.Module:
+    """Stop updating quantization ranges (the standard QAT recipe does this after a few epochs)."""
+    qat_model.apply(torch.ao.quantization.disable_observer)
+    return qat_model
+
+
+def freeze_bn_stats(qat_model: nn.Module) -> nn.Module:
+    """Stop updating BatchNorm running statistics in fused QAT conv-bn modules."""
+    import torch.ao.nn.intrinsic.qat as nniqat
+
+    qat_model.apply(nniqat.freeze_bn_stats)
+    return qat_model
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """True for modules that run an int8 kernel (static or dynamic)."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+
+
+def is_weighted_quantized_module(module: nn.Module) -> bool:
+    return is_quantized_module(module) and hasattr(module, "weight") and callable(getattr(module, "weight"))
+
+
+def quantized_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight()
+
+
+__all__ = [
+    "EngineChoice", "available_engines", "using_engine", "probe_kernel_saturation", "select_engine",
+    "build_static_qconfig_mapping", "prepare_static", "prepare_qat", "prepare_dynamic", "convert",
+    "convert_reference", "observers", "freeze_observers", "freeze_bn_stats", "is_quantized_module",
+    "WEIGHT_TYPES", "DYNAMIC_TYPES",
+]
+
+
+def fake_quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """The weight as the int8 kernel will see it (same observer as the static qconfig), in float."""
+    observer = _weight_observer(per_channel)()
+    observer(weight)
+    scale, zero_point = observer.calculate_qparams()
+    if per_channel:
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point.to(torch.int32), 0,
+                                                      observer.quant_min, observer.quant_max)
+    return torch.fake_quantize_per_tensor_affine(weight, float(scale), int(zero_point),
+                                                 observer.quant_min, observer.quant_max)

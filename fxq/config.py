@@ -1,0 +1,117 @@
+"""Quantization options: one frozen dataclass, validated once at the API edge.
+
+`fxq.quantize(model, inputs, **options)` maps its keyword arguments onto `QuantOptions`; the report prints
+the resolved options so a result can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fxq.errors import ConfigError
+
+
+class Mode(str, enum.Enum):
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+    QAT = "qat"
+
+
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    X86 = "x86"
+    FBGEMM = "fbgemm"
+    QNNPACK = "qnnpack"
+    ONEDNN = "onednn"
+
+
+class Observer(str, enum.Enum):
+    """How an activation's int8 range is chosen from calibration data."""
+
+    AUTO = "auto"  # per-layer choice among the candidates below by measured error
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+    HISTOGRAM = "histogram"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+def _enum_value(enum_type: type[enum.Enum], value: Any, option: str) -> Any:
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(str(value).lower())
+    except ValueError:
+        valid = ", ".join(repr(member.value) for member in enum_type)
+        raise ConfigError(f"{option}={value!r} is not valid; choose one of {valid}") from None
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Every knob of a quantization run. Defaults are what fxq recommends; change them per model."""
+
+    mode: Mode = Mode.STATIC
+    backend: Backend = Backend.AUTO
+    activation_observer: Observer = Observer.AUTO
+    # Layers (qualified module names, or module classes) left in float.
+    keep_float: tuple[Any, ...] = ()
+    # Per-layer observer overrides: {module name or class: Observer}.
+    observer_overrides: Mapping[Any, Observer] = field(default_factory=dict)
+    # 7-bit activations. None: decided from a probe of the int8 kernel on this CPU.
+    reduce_range: bool | None = None
+    per_channel_weights: bool = True
+    equalize: bool = True
+    bias_correction: bool = True
+    adaround: bool = False
+    # Keep the fewest layers in float that reach this end-to-end SQNR (accuracy-targeted mixed precision).
+    target_sqnr_db: float | None = None
+    max_calibration_batches: int | None = None
+    progress: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _enum_value(Mode, self.mode, "mode"))
+        object.__setattr__(self, "backend", _enum_value(Backend, self.backend, "backend"))
+        object.__setattr__(self, "activation_observer",
+                           _enum_value(Observer, self.activation_observer, "activation_observer"))
+        keep = self.keep_float
+        if isinstance(keep, (str, type)):
+            keep = (keep,)
+        object.__setattr__(self, "keep_float", tuple(keep))
+        overrides = {key: _enum_value(Observer, value, f"observer_overrides[{key!r}]")
+                     for key, value in dict(self.observer_overrides).items()}
+        object.__setattr__(self, "observer_overrides", overrides)
+        if self.max_calibration_batches is not None and self.max_calibration_batches < 1:
+            raise ConfigError(f"max_calibration_batches={self.max_calibration_batches} must be >= 1")
+        if self.target_sqnr_db is not None and not 0 < self.target_sqnr_db < 200:
+            raise ConfigError(f"target_sqnr_db={self.target_sqnr_db} must be a positive number of dB")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "QuantOptions":
+        """Build options from `fxq.quantize` keyword arguments, rejecting unknown names by listing valid ones."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid options are {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> "QuantOptions":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-value view for reports and JSON."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif f.name == "keep_float":
+                value = [v if isinstance(v, str) else getattr(v, "__name__", str(v)) for v in value]
+            elif f.name == "observer_overrides":
+                value = {str(k if isinstance(k, str) else getattr(k, "__name__", k)): v.value
+                         for k, v in value.items()}
+            out[f.name] = value
+        return out

@@ -1,0 +1,94 @@
+"""Symbolic tracing with automatic float leaves for code that cannot be traced.
+
+Data-dependent control flow, shape asserts and non-torch calls stop torch.fx. Instead of failing, fxq
+finds the smallest submodules whose own forward cannot be traced, keeps them as opaque float leaves, and
+records why; the rest of the model is traced and quantized. The leaves are reported, never hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from fxq.errors import TraceError
+
+
+@dataclass(frozen=True)
+class FloatLeaf:
+    """A submodule kept in float because its forward could not be traced."""
+
+    module: str
+    reason: str
+
+
+class LeafTracer(fx.Tracer):
+    """torch.fx's default tracer plus a set of qualified names that are called, not traced into."""
+
+    def __init__(self, leaf_names: set[str]) -> None:
+        super().__init__()
+        self.leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names:
+            return True
+        # fused containers (torch.ao.nn.intrinsic) are sequential but must stay whole
+        if type(m).__module__.startswith("torch.ao.nn"):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _trace_error(module: nn.Module, leaf_names: set[str], prefix: str) -> BaseException | None:
+    """The exception tracing `module` raises (with `leaf_names` as leaves), or None when it traces."""
+    local_leaves = {name[len(prefix):] for name in leaf_names if name.startswith(prefix)}
+    try:
+        LeafTracer(local_leaves).trace(module)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is what we are looking for
+        return exc
+    return None
+
+
+def _find_blockers(module: nn.Module, name: str, leaf_names: set[str]) -> list[FloatLeaf]:
+    """Smallest descendants of `module` (named `name`) whose forward does not trace."""
+    prefix = f"{name}." if name else ""
+    blockers: list[FloatLeaf] = []
+    for child_name, child in module.named_children():
+        full_name = prefix + child_name
+        if full_name in leaf_names or LeafTracer(set()).is_leaf_module(child, full_name):
+            continue
+        if _trace_error(child, leaf_names, full_name + ".") is None:
+            continue
+        inner = _find_blockers(child, full_name, leaf_names)
+        if inner:
+            blockers.extend(inner)
+            leaf_names.update(b.module for b in inner)
+            if _trace_error(child, leaf_names, full_name + ".") is None:
+                continue
+        error = _trace_error(child, leaf_names, full_name + ".")
+        blockers.append(FloatLeaf(full_name, _first_line(error) if error else "does not trace in context"))
+        leaf_names.add(full_name)
+    return blockers
+
+
+def trace_model(model: nn.Module, extra_leaves: set[str] | None = None) -> tuple[fx.GraphModule, list[FloatLeaf]]:
+    """Trace `model`; submodules that block tracing become float leaves. Raises TraceError if the
+    top-level forward itself cannot be traced (nothing smaller to isolate)."""
+    leaf_names = set(extra_leaves or ())
+    leaves: list[FloatLeaf] = []
+    error = _trace_error(model, leaf_names, "")
+    if error is not None:
+        leaves = _find_blockers(model, "", leaf_names)
+        error = _trace_error(model, leaf_names, "")
+    if error is not None:
+        raise TraceError(
+            f"{type(model).__name__}.forward cannot be traced symbolically ({_first_line(error)}); the failure "
+            "is in the top-level forward, not in a submodule fxq could keep in float. Move the data-dependent "
+            "code into a submodule, or quantize a traceable submodule instead"
+        ) from error
+    graph = LeafTracer(leaf_names).trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__), leaves

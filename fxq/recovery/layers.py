@@ -1,0 +1,55 @@
+"""What the recovery passes need to know about weighted layers in a traced, BN-folded float graph."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxq.calibration import Batch
+from fxq.frontend.graph import get_module
+from fxq.frontend.rewrite import Clamp
+
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def unwrap(module: nn.Module | None) -> tuple[nn.Module | None, Clamp | None]:
+    """(weighted layer, clamp) of a plain conv/linear or of a fused container holding one."""
+    if isinstance(module, WEIGHTED):
+        return module, None
+    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], WEIGHTED):
+        clamp = module[1] if isinstance(module[1], Clamp) else None
+        return module[0], clamp
+    return None, None
+
+
+def weighted_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module, Clamp | None]]:
+    for node in gm.graph.nodes:
+        layer, clamp = unwrap(get_module(gm, node))
+        if layer is not None:
+            yield node, layer, clamp
+
+
+def channel_axis_shape(layer: nn.Module, channels: int) -> tuple[int, ...]:
+    """Shape that broadcasts a per-output-channel vector over this layer's output."""
+    if isinstance(layer, nn.Linear):
+        return (channels,)
+    return (1, channels) + (1,) * (layer.weight.dim() - 2)
+
+
+def run_with_hooks(model: nn.Module, batches: Sequence[Batch], modules: dict[str, nn.Module],
+                   on_call: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    """Run the batches, calling on_call(name, input, output) for each listed module call."""
+    handles = []
+    for name, module in modules.items():
+        def hook(_module, inputs, output, name=name):
+            on_call(name, inputs[0], output)
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+    finally:
+        for handle in handles:
+            handle.remove()

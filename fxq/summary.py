@@ -1,0 +1,46 @@
+"""What fxq did to a model: the record the reporter prints and `fxq.summary_of` returns.
+
+Kept in a weak registry keyed by the quantized module rather than as an attribute, so the int8 model
+stays a plain module that scripts and saves cleanly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+
+@dataclass
+class QuantizationSummary:
+    options: dict[str, Any]
+    engine: str
+    engine_reason: str
+    reduce_range: bool
+    kernel_saturates: bool
+    patterns: list[str] = field(default_factory=list)
+    rewrites: list[str] = field(default_factory=list)
+    # (module or node, why): layers or ops that run in float in the returned model
+    float_layers: list[tuple[str, str]] = field(default_factory=list)
+    equalized_pairs: int = 0
+    bias_corrected_layers: int = 0
+    observer_choices: dict[str, str] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SUMMARIES: "weakref.WeakKeyDictionary[nn.Module, QuantizationSummary]" = weakref.WeakKeyDictionary()
+
+
+def attach(model: nn.Module, summary: QuantizationSummary) -> None:
+    _SUMMARIES[model] = summary
+
+
+def summary_of(model: nn.Module) -> QuantizationSummary | None:
+    """The summary of a model returned by fxq.quantize / fxq.convert, or None for other models."""
+    return _SUMMARIES.get(model)
