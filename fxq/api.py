@@ -23,7 +23,8 @@ from fxq.frontend.patterns import FoundPattern, find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import FloatLeaf, trace_model
 from fxq.recovery.bias_correction import correct_biases
-from fxq.recovery.equalization import equalize_pairs
+from fxq.recovery.equalization import equalize
+from fxq.recovery.rounding import optimize_rounding
 from fxq.summary import QuantizationSummary, attach
 from fxq.validate import as_example_inputs, check_model, run_example
 
@@ -145,10 +146,15 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     float_names = {k for k in keep_float if isinstance(k, str)}
     if opts.equalize:
         with timer.step("equalize"):
-            equalized = equalize_pairs(gm, batches)
+            equalized = equalize(gm, batches)
+    rounded = {}
+    if opts.optimize_rounding:
+        with timer.step("rounding"):
+            rounded = optimize_rounding(gm, batches, opts.per_channel_weights, skip=float_names)
     if opts.bias_correction:
         with timer.step("bias_correction"):
-            corrected = correct_biases(gm, batches, opts.per_channel_weights, skip=float_names)
+            corrected = correct_biases(gm, batches, opts.per_channel_weights, skip=float_names,
+                                       quantized_weights={name: r.values for name, r in rounded.items()})
     with timer.step("prepare"):
         mapping = engine.build_static_qconfig_mapping(gm, opts, choice)
         prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable)
@@ -156,11 +162,12 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         run_batches(prepared, batches, progress=opts.progress)
     with timer.step("convert"):
         quantized = engine.convert(prepared, choice)
+        engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()})
     summary = _summary(
         opts, choice, patterns=[str(p) for p in patterns],
         rewrites=[f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites],
         float_layers=_float_layers_after(quantized, leaves, keep_float),
-        equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), timings_s=timer.seconds)
+        equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded), timings_s=timer.seconds)
     return quantized, summary
 
 

@@ -65,7 +65,8 @@ class QuantOptions:
     per_channel_weights: bool = True
     equalize: bool = True
     bias_correction: bool = True
-    adaround: bool = False
+    # Error-compensated (GPTQ-style) int8 weight rounding instead of round-to-nearest.
+    optimize_rounding: bool = True
     # Keep the fewest layers in float that reach this end-to-end SQNR (accuracy-targeted mixed precision).
     target_sqnr_db: float | None = None
     max_calibration_batches: int | None = None

@@ -26,6 +26,7 @@ class QuantizationSummary:
     float_layers: list[tuple[str, str]] = field(default_factory=list)
     equalized_pairs: int = 0
     bias_corrected_layers: int = 0
+    rounded_layers: int = 0
     observer_choices: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

@@ -251,13 +251,43 @@ __all__ = [
 ]
 
 
-def fake_quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
-    """The weight as the int8 kernel will see it (same observer as the static qconfig), in float."""
+def weight_qparams(weight: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, int, int]:
+    """(scale, quant_min, quant_max) the static qconfig's weight observer gives this weight."""
     observer = _weight_observer(per_channel)()
     observer(weight)
-    scale, zero_point = observer.calculate_qparams()
-    if per_channel:
-        return torch.fake_quantize_per_channel_affine(weight, scale, zero_point.to(torch.int32), 0,
-                                                      observer.quant_min, observer.quant_max)
-    return torch.fake_quantize_per_tensor_affine(weight, float(scale), int(zero_point),
-                                                 observer.quant_min, observer.quant_max)
+    scale, _ = observer.calculate_qparams()
+    return scale.to(torch.float32), observer.quant_min, observer.quant_max
+
+
+def fake_quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """The weight rounded to nearest on the int8 grid the kernel will use, in float."""
+    scale, quant_min, quant_max = weight_qparams(weight, per_channel)
+    shape = (-1,) + (1,) * (weight.dim() - 1) if scale.numel() > 1 else ()
+    return torch.clamp(torch.round(weight / scale.view(shape)), quant_min, quant_max) * scale.view(shape)
+
+
+def install_weights(quantized: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+    """Replace int8 weights of converted modules by given on-grid float values and per-channel scales.
+
+    Used for optimized rounding: the engine's convert rounds to nearest; these values were rounded to
+    minimize output error on calibration data, on the same grid. Returns the names installed.
+    """
+    installed = []
+    for name, (values, scale) in weights.items():
+        try:
+            module = quantized.get_submodule(name)
+        except AttributeError:
+            continue
+        if not (is_quantized_module(module) and hasattr(module, "set_weight_bias")):
+            continue
+        current = module.weight()
+        if current.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            integer = torch.round(values / scale.view((-1,) + (1,) * (values.dim() - 1)))
+            qweight = torch._make_per_channel_quantized_tensor(
+                integer.to(torch.int8), scale.double(), torch.zeros(scale.numel(), dtype=torch.long), 0)
+        else:
+            integer = torch.round(values / scale)
+            qweight = torch._make_per_tensor_quantized_tensor(integer.to(torch.int8), float(scale), 0)
+        module.set_weight_bias(qweight, module.bias())
+        installed.append(name)
+    return installed

@@ -1,38 +1,45 @@
 """Cross-layer equalization of activation channel ranges (after Nagel et al. 2019, data-free quantization).
 
-For a producer layer A whose output feeds only a consumer B (through nothing, a ReLU or a zero-floored
-clamp), scaling A's output channel i by 1/s_i and B's input channel i by s_i leaves the float function
-unchanged, because these activations are positively homogeneous. A clamp's ceiling becomes per channel
-(high / s_i) so even ReLU6 stays exact in float; the int8 kernel then clips at the tensor's calibrated
-range, which is the ordinary clipping of static quantization.
+Producers (conv/linear layers) write a set of tensors that only flow through adds and ReLUs into
+consumers (conv/linear inputs): a residual stream, or simply one layer feeding the next. Scaling channel
+i of every producer's output by 1/s_i and every consumer's input channel i by s_i leaves the float
+function unchanged, because adds are linear and ReLU is positively homogeneous. A fused clamp's ceiling
+becomes per channel (high / s_i), so ReLU6 stays exact in float too; the int8 kernel then clips at the
+tensor's calibrated range, the ordinary clipping of static quantization. Such groups are the connected
+components of a networkx graph over producer, add and ReLU nodes.
 
-The choice of s differs from the paper because fxq quantizes weights per channel and activations per
-tensor: A's rows are free to scale (per-channel weights absorb it), so the cost is only on B's columns.
-A depthwise B absorbs s_i entirely, so the activation is fully equalized; for a dense B, s_i balances the
-activation range against B's column range relative to its per-row maximum (the geometric mean).
+fxq quantizes weights per channel and activations per tensor, so the scaling is free on the producers'
+rows and costs only on the consumers' columns. Depthwise consumers absorb s_i entirely and the
+activations are fully equalized; with dense consumers, s_i balances each channel's activation range
+against its weight column range relative to the row maximum (their geometric mean).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
+import networkx as nx
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxq.calibration import Batch
 from fxq.frontend.graph import get_module
-from fxq.recovery.layers import channel_axis_shape, run_with_hooks, unwrap
+from fxq.recovery.layers import channel_axis_shape, unwrap
 
 MIN_SCALE = 1e-3
+_ADDS = (operator.add, torch.add)
+_RELUS = (F.relu, torch.relu)
 
 
 @dataclass(frozen=True)
-class EqualizedPair:
-    producer: str
-    consumer: str
+class EqualizedGroup:
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
     channels: int
-    range_spread_before: float  # max/min of per-channel activation range
+    range_spread_before: float  # max/min of per-channel activation range (live channels)
     range_spread_after: float
 
 
@@ -41,65 +48,121 @@ def _is_depthwise(layer: nn.Module) -> bool:
         and layer.groups == layer.in_channels and layer.weight.shape[1] == 1
 
 
-def _input_channels(layer: nn.Module) -> int:
+def _scalable_consumer(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.Linear) or layer.groups == 1 or _is_depthwise(layer)
+
+
+def _is_stream_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Nodes a channel scaling passes through unchanged: add and ReLU."""
+    if node.op == "call_function":
+        return node.target in _ADDS or node.target in _RELUS
+    if node.op == "call_method":
+        return node.target in ("add", "relu")
+    return isinstance(get_module(gm, node), nn.ReLU)
+
+
+@dataclass
+class _Group:
+    producers: list[fx.Node]
+    tensors: list[fx.Node]  # every node whose output carries the scaled channels
+    consumers: list[fx.Node]
+
+
+def find_groups(gm: fx.GraphModule) -> list[_Group]:
+    """Producer/stream/consumer groups whose channels can be rescaled exactly, in graph order."""
+    graph = nx.Graph()
+    for node in gm.graph.nodes:
+        if unwrap(get_module(gm, node))[0] is not None or _is_stream_op(gm, node):
+            graph.add_node(node)
+    for node in list(graph.nodes):
+        if _is_stream_op(gm, node):
+            for source in node.all_input_nodes:
+                graph.add_edge(node, source)  # an add/ReLU joins its inputs' group
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    groups = []
+    for component in nx.connected_components(graph):
+        group = _validate(gm, component)
+        if group is not None:
+            groups.append(group)
+    return sorted(groups, key=lambda g: order[g.producers[0]])
+
+
+def _validate(gm: fx.GraphModule, component: set[fx.Node]) -> _Group | None:
+    producers = [n for n in component if unwrap(get_module(gm, n))[0] is not None]
+    if not producers:
+        return None
+    for node in component:  # stream ops must be fed only from inside the group
+        if _is_stream_op(gm, node) and any(src not in component for src in node.all_input_nodes):
+            return None
+    consumers = []
+    for node in component:
+        for user in node.users:
+            if user in component and _is_stream_op(gm, user):
+                continue
+            layer = unwrap(get_module(gm, user))[0]
+            if layer is None or not user.args or user.args[0] is not node or not _scalable_consumer(layer) \
+                    or any(arg is node for arg in list(user.args[1:]) + list(user.kwargs.values())):
+                return None
+            consumers.append(user)
+    if not consumers:
+        return None
+    layers = [unwrap(get_module(gm, n))[0] for n in producers + consumers]
+    if len({isinstance(layer, nn.Linear) for layer in layers}) != 1:
+        return None
+    channels = {_channels_out(unwrap(get_module(gm, n))[0]) for n in producers} | \
+        {_channels_in(unwrap(get_module(gm, n))[0]) for n in consumers}
+    if len(channels) != 1:
+        return None
+    order = {node: index for index, node in enumerate(gm.graph.nodes)}
+    return _Group(sorted(producers, key=order.get), sorted(component, key=order.get),
+                  sorted(set(consumers), key=order.get))
+
+
+def _channels_in(layer: nn.Module) -> int:
     return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
 
 
-def _output_channels(layer: nn.Module) -> int:
+def _channels_out(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def find_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
-    """(producer, consumer) module names, in graph order, where the producer's only user is the consumer."""
-    pairs = []
-    for node in gm.graph.nodes:
-        producer, _ = unwrap(get_module(gm, node))
-        if producer is None or len(node.users) != 1:
-            continue
-        (user,) = node.users
-        consumer, _ = unwrap(get_module(gm, user))
-        if consumer is None or not user.args or user.args[0] is not node:
-            continue
-        if isinstance(producer, nn.Linear) != isinstance(consumer, nn.Linear):
-            continue
-        if _output_channels(producer) != _input_channels(consumer):
-            continue
-        if not isinstance(consumer, nn.Linear) and consumer.groups != 1 and not _is_depthwise(consumer):
-            continue
-        pairs.append((str(node.target), str(user.target)))
-    return pairs
+def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch], nodes: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
+    """Per-channel max |value| of each listed node's output over the batches (one interpreter pass)."""
+    ranges: dict[fx.Node, torch.Tensor] = {}
 
+    class Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            result = super().run_node(node)
+            if node in nodes and isinstance(result, torch.Tensor):
+                axis = 1 if result.dim() > 2 else result.dim() - 1
+                peak = result.detach().abs().amax(dim=[d for d in range(result.dim()) if d != axis])
+                ranges[node] = torch.maximum(ranges[node], peak) if node in ranges else peak
+            return result
 
-def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch], names: set[str]) -> dict[str, torch.Tensor]:
-    """Per-channel max |activation| at the output of each named module over the batches."""
-    ranges: dict[str, torch.Tensor] = {}
-
-    def record(name: str, _input: torch.Tensor, output: torch.Tensor) -> None:
-        dims = [d for d in range(output.dim()) if d != (1 if output.dim() > 2 else output.dim() - 1)]
-        peak = output.detach().abs().amax(dim=dims)
-        ranges[name] = torch.maximum(ranges[name], peak) if name in ranges else peak
-
-    run_with_hooks(gm, batches, {name: gm.get_submodule(name) for name in names}, record)
+    with torch.no_grad():
+        recorder = Recorder(gm)
+        for batch in batches:
+            recorder.run(*batch)
     return ranges
 
 
 def _column_ranges(consumer: nn.Module) -> torch.Tensor:
     """Per-input-channel weight magnitude relative to each output row's maximum (row-scale invariant)."""
     weight = consumer.weight.detach()
-    if _is_depthwise(consumer):
-        return torch.ones(consumer.in_channels)
     magnitude = weight.abs().flatten(2).amax(2) if weight.dim() > 2 else weight.abs()
     relative = magnitude / magnitude.amax(dim=1, keepdim=True).clamp_min(1e-12)
     return relative.amax(dim=0)
 
 
-def _scales(activation_range: torch.Tensor, consumer: nn.Module) -> torch.Tensor:
+def _scales(activation_range: torch.Tensor, consumers: list[nn.Module]) -> torch.Tensor:
     peak = activation_range.max().clamp_min(1e-12)
     relative_act = activation_range / peak
-    if _is_depthwise(consumer):
+    dense = [layer for layer in consumers if not _is_depthwise(layer)]
+    if not dense:
         scales = relative_act
     else:
-        scales = torch.sqrt(relative_act / _column_ranges(consumer).clamp_min(1e-12))
+        columns = torch.stack([_column_ranges(layer) for layer in dense]).amax(0)
+        scales = torch.sqrt(relative_act / columns.clamp_min(1e-12))
         scales = scales / scales.max().clamp_min(1e-12)
     dead = activation_range <= 1e-8 * peak
     return torch.where(dead, torch.ones_like(scales), scales.clamp_min(MIN_SCALE))
@@ -111,28 +174,32 @@ def _spread(values: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def equalize_pairs(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[EqualizedPair]:
-    """Equalize every producer->consumer pair in graph order, using calibration activation ranges."""
-    pairs = find_pairs(gm)
-    if not pairs:
+def equalize(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[EqualizedGroup]:
+    """Equalize every rescalable group using calibration activation ranges; the float function is kept."""
+    groups = find_groups(gm)
+    if not groups:
         return []
-    ranges = _channel_ranges(gm, batches, {producer for producer, _ in pairs})
+    ranges = _channel_ranges(gm, batches, {node for group in groups for node in group.tensors})
     done = []
-    for producer_name, consumer_name in pairs:
-        producer, clamp = unwrap(gm.get_submodule(producer_name))
-        consumer, _ = unwrap(gm.get_submodule(consumer_name))
-        activation_range = ranges[producer_name]
-        scales = _scales(activation_range, consumer)
-        rows = (-1,) + (1,) * (producer.weight.dim() - 1)
-        producer.weight.div_(scales.view(rows))
-        if producer.bias is not None:
-            producer.bias.div_(scales)
-        if _is_depthwise(consumer):
-            consumer.weight.mul_(scales.view((-1,) + (1,) * (consumer.weight.dim() - 1)))
-        else:
-            consumer.weight.mul_(scales.view((1, -1) + (1,) * (consumer.weight.dim() - 2)))
-        if clamp is not None and clamp.bounded:
-            clamp.set_high(clamp.high / scales.view(channel_axis_shape(producer, scales.numel())))
-        done.append(EqualizedPair(producer_name, consumer_name, scales.numel(),
-                                  _spread(activation_range), _spread(activation_range / scales)))
+    for group in groups:
+        if any(node not in ranges for node in group.tensors):
+            continue
+        activation_range = torch.stack([ranges[node] for node in group.tensors]).amax(0)
+        consumers = [unwrap(get_module(gm, node))[0] for node in group.consumers]
+        scales = _scales(activation_range, consumers)
+        for node in group.producers:
+            producer, clamp = unwrap(get_module(gm, node))
+            producer.weight.div_(scales.view((-1,) + (1,) * (producer.weight.dim() - 1)))
+            if producer.bias is not None:
+                producer.bias.div_(scales)
+            if clamp is not None and clamp.bounded:
+                clamp.set_high(clamp.high / scales.view(channel_axis_shape(producer, scales.numel())))
+        for consumer in consumers:
+            if _is_depthwise(consumer):
+                consumer.weight.mul_(scales.view((-1,) + (1,) * (consumer.weight.dim() - 1)))
+            else:
+                consumer.weight.mul_(scales.view((1, -1) + (1,) * (consumer.weight.dim() - 2)))
+        done.append(EqualizedGroup(tuple(str(n.target) for n in group.producers),
+                                   tuple(str(n.target) for n in group.consumers), scales.numel(),
+                                   _spread(activation_range), _spread(activation_range / scales)))
     return done

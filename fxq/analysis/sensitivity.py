@@ -1,0 +1,408 @@
+"""Per-layer sensitivity of a model to int8 quantization: which layers lose accuracy, and why.
+
+    report = fxq.sensitivity(model, example_inputs, calibration_data=batches)
+    print(report)                       # ranked by impact on the output
+    report.recommend(target_sqnr_db=30) # layers to keep in float, verified end to end
+
+The int8 model is `fxq.quantize`'s own. The float reference is the graph `fxq.quantize` quantized:
+traced, BatchNorm folded, clamps fused and channels equalized, which computes the model's function with
+the int8 model's module names and activation scales (equalization rescales channels, so the original
+model's intermediate activations would not line up). Weight rounding and bias correction are left out
+of the reference: they change the float function on purpose, and their effect is part of what is measured.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
+from fxq.analysis.shadow import LayerErrors, LayerPair, output_tensors, pair_layers, remove_inplace_ops, \
+    run_side_by_side
+from fxq.api import quantize
+from fxq.backend.engine import is_weighted_quantized_module, using_engine, weight_qparams
+from fxq.calibration import Batch, materialize
+from fxq.config import Mode, QuantOptions
+from fxq.errors import ConfigError, FxqError, InputError
+from fxq.frontend.patterns import find_patterns
+from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
+from fxq.frontend.trace import trace_model
+from fxq.recovery.equalization import equalize
+from fxq.recovery.layers import unwrap
+from fxq.summary import summary_of
+from fxq.validate import as_example_inputs, check_model, run_example
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One quantized layer's errors over the eval data (dB: higher is better; None: not measurable)."""
+
+    name: str  # module path, e.g. "features.1.conv.0.0"
+    op: str  # int8 module type, e.g. "ConvReLU2d"
+    pattern: str | None  # fused float pattern, e.g. "conv-bn-clamp"
+    index: int  # position among the quantized layers in graph order
+    impact_rank: int  # 1 = lowest solo SQNR (largest impact on the output)
+    sqnr_db: float  # accumulated: int8 model's activation here vs the float model's
+    own_sqnr_db: float | None  # isolated: int8 layer on the float input vs the float layer
+    solo_sqnr_db: float | None  # end-to-end output SQNR with only this layer in int8
+    mse: float  # accumulated error, like sqnr_db
+    cosine: float
+    max_abs_error: float
+    weight_sqnr_db: float | None  # int8 weight (as the kernel uses it) vs float weight
+    weight_range_ratio: float | None  # max/min per-output-channel weight range
+    activation_min: float  # float activation at the layer's output
+    activation_max: float
+    outlier_ratio: float  # peak |activation| / RMS
+    input_scale: float | None
+    input_zero_point: int | None
+    output_scale: float
+    output_zero_point: int
+
+
+@dataclass
+class Recommendation:
+    """The result of `SensitivityReport.recommend`: layers kept in float and the SQNR fxq measured."""
+
+    target_sqnr_db: float
+    keep_float: list[str]
+    verified_sqnr_db: float
+    attempts: list[tuple[int, float]] = field(default_factory=list)  # (layers in float, measured SQNR)
+    model: nn.Module | None = field(default=None, repr=False)  # the verified mixed-precision model
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_sqnr_db": self.target_sqnr_db, "keep_float": list(self.keep_float),
+                "verified_sqnr_db": _finite(self.verified_sqnr_db),
+                "attempts": [[count, _finite(value)] for count, value in self.attempts]}
+
+
+@dataclass
+class _Inputs:
+    """What `recommend` needs to quantize again and measure: the user's model and data, not copies."""
+
+    model: nn.Module
+    example_inputs: Batch
+    calibration_batches: list[Batch]
+    eval_batches: list[Batch]
+    quantize_options: dict[str, Any]
+    reference_outputs: list[list[torch.Tensor]]
+
+
+class SensitivityReport:
+    """Per-layer sensitivity rows (`layers`, in graph order) and the int8 model they describe.
+
+    str() is a table ranked by impact (solo SQNR, lowest first); `to_json`, `to_csv` and `plot` export it;
+    `recommend` picks layers to keep in float for a target end-to-end SQNR.
+    """
+
+    def __init__(self, layers: list[LayerSensitivity], end_to_end_sqnr_db: float, engine: str,
+                 options: dict[str, Any], eval_batches: int, timings_s: dict[str, float],
+                 quantized: nn.Module, inputs: _Inputs | None = None) -> None:
+        self.layers = layers
+        self.end_to_end_sqnr_db = end_to_end_sqnr_db
+        self.engine = engine
+        self.options = options
+        self.eval_batches = eval_batches
+        self.timings_s = timings_s
+        self.quantized = quantized
+        self.recommendation: Recommendation | None = None
+        self._inputs = inputs
+
+    def __repr__(self) -> str:
+        return (f"SensitivityReport({len(self.layers)} layers, end-to-end {self.end_to_end_sqnr_db:.1f} dB, "
+                f"engine {self.engine})")
+
+    def __getitem__(self, name: str) -> LayerSensitivity:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no quantized layer named '{name}'; layers: {', '.join(l.name for l in self.layers[:8])}"
+                       + (", ..." if len(self.layers) > 8 else ""))
+
+    def ranked(self) -> list[LayerSensitivity]:
+        """Layers by impact on the output, largest first (lowest solo SQNR)."""
+        return sorted(self.layers, key=lambda layer: layer.impact_rank)
+
+    def __str__(self) -> str:
+        from tabulate import tabulate
+
+        rows = [[layer.impact_rank, layer.name, layer.op, layer.pattern or "-", _db(layer.solo_sqnr_db),
+                 _db(layer.own_sqnr_db), _db(layer.sqnr_db), _db(layer.weight_sqnr_db),
+                 _number(layer.weight_range_ratio, ".1f"),
+                 f"[{layer.activation_min:.3g}, {layer.activation_max:.3g}]", f"{layer.outlier_ratio:.1f}",
+                 f"{layer.cosine:.5f}", f"{layer.mse:.3g}", f"{layer.max_abs_error:.3g}"]
+                for layer in self.ranked()]
+        headers = ["rank", "layer", "op", "pattern", "solo dB", "own dB", "accum dB", "weight dB",
+                   "w range ratio", "activation range", "outlier", "cosine", "mse", "max |err|"]
+        title = (f"int8 sensitivity: end-to-end SQNR {_db(self.end_to_end_sqnr_db)} dB over {self.eval_batches} "
+                 f"eval batch(es), engine {self.engine}; ranked by solo SQNR (output SQNR with only that layer "
+                 "in int8), lowest first")
+        text = title + "\n" + tabulate(rows, headers=headers, disable_numparse=True)
+        if self.recommendation is not None:
+            rec = self.recommendation
+            text += (f"\n\nrecommended keep_float for {rec.target_sqnr_db:g} dB: {rec.keep_float} "
+                     f"(verified {_db(rec.verified_sqnr_db)} dB)")
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "end_to_end_sqnr_db": _finite(self.end_to_end_sqnr_db), "engine": self.engine,
+            "options": self.options, "eval_batches": self.eval_batches, "timings_s": self.timings_s,
+            "layers": [{key: _finite(value) for key, value in dataclasses.asdict(layer).items()}
+                       for layer in self.layers],
+            "recommendation": self.recommendation.to_dict() if self.recommendation else None,
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """JSON text (infinite SQNR, i.e. no error at all, is written as null); also written to `path`."""
+        text = json.dumps(self.to_dict(), indent=2, default=str)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """One row per layer in graph order, columns as `LayerSensitivity`; also written to `path`."""
+        buffer = io.StringIO()
+        names = [f.name for f in dataclasses.fields(LayerSensitivity)]
+        writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+        writer.writeheader()
+        for layer in self.layers:
+            writer.writerow({key: "" if value is None else value for key, value in dataclasses.asdict(layer).items()})
+        if path is not None:
+            Path(path).write_text(buffer.getvalue())
+        return buffer.getvalue()
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """Accumulated, own and solo SQNR per layer in graph order (needs matplotlib); returns the figure."""
+        from fxq.analysis.plot import plot_sensitivity
+
+        return plot_sensitivity(self, path)
+
+    def recommend(self, target_sqnr_db: float, *, max_verifications: int = 6) -> list[str]:
+        """Layers to keep in float so the int8 model reaches `target_sqnr_db` end to end (on the eval data).
+
+        Layers are taken greedily by solo impact. How many is first predicted from their solo noise powers
+        (noise adds roughly across layers), then checked by `fxq.quantize(..., keep_float=names)` and
+        measured; while the measured SQNR falls short, more layers are added from the ranking. The result
+        and the attempts are kept in `self.recommendation` (with the verified model).
+        """
+        if not isinstance(target_sqnr_db, (int, float)) or not 0 < target_sqnr_db < 200:
+            raise ConfigError(f"target_sqnr_db={target_sqnr_db!r} must be a positive number of dB")
+        if self._inputs is None:
+            raise InputError("this report has no model attached (it was loaded, not measured); "
+                             "run fxq.sensitivity again to get recommendations")
+        if self.end_to_end_sqnr_db >= target_sqnr_db:
+            self.recommendation = Recommendation(target_sqnr_db, [], self.end_to_end_sqnr_db, [],
+                                                 self.quantized)
+            return []
+        candidates = [layer for layer in self.ranked() if layer.solo_sqnr_db is not None]
+        goal = _noise(target_sqnr_db)
+        count = _layers_to_cover(candidates, _noise(self.end_to_end_sqnr_db) - goal)
+        attempts: list[tuple[int, float]] = []
+        while True:
+            names = [layer.name for layer in candidates[:count]]
+            model, measured = self._measure_with_float(names)
+            attempts.append((count, measured))
+            if measured >= target_sqnr_db:
+                self.recommendation = Recommendation(target_sqnr_db, names, measured, attempts, model)
+                return names
+            if count >= len(candidates):
+                raise ConfigError(
+                    f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {count} measured layers in "
+                    f"float the model reaches {measured:.1f} dB (the remaining int8 ops, e.g. adds, and "
+                    "untraceable parts limit it); lower the target")
+            more = _layers_to_cover(candidates[count:], _noise(measured) - goal)
+            count = len(candidates) if len(attempts) >= max_verifications - 1 else count + max(1, more)
+
+    def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
+        inputs = self._inputs
+        options = dict(inputs.quantize_options)
+        options["keep_float"] = tuple(QuantOptions(keep_float=options.get("keep_float", ())).keep_float) \
+            + tuple(names)
+        model = quantize(inputs.model, inputs.example_inputs, calibration_data=inputs.calibration_batches,
+                         **options)
+        stats = ErrorStats()
+        with using_engine(summary_of(model).engine), torch.no_grad():
+            for batch, references in zip(inputs.eval_batches, inputs.reference_outputs):
+                for reference, test in zip(references, output_tensors(model(*batch)), strict=True):
+                    stats.update(reference, test)
+        return model, stats.sqnr_db
+
+
+def _noise(db: float) -> float:
+    """Noise power relative to the signal for an SQNR in dB."""
+    return 10.0 ** (-db / 10.0)
+
+
+def _layers_to_cover(ranked: Sequence[LayerSensitivity], noise_to_remove: float) -> int:
+    """How many of the ranked layers' solo noise powers add up to `noise_to_remove` (at least one)."""
+    removed = 0.0
+    for count, layer in enumerate(ranked, start=1):
+        removed += _noise(layer.solo_sqnr_db)
+        if removed >= noise_to_remove:
+            return count
+    return max(1, len(ranked))
+
+
+def _db(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return "inf" if math.isinf(value) and value > 0 else f"{value:.1f}"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no infinity: an SQNR of +inf (no error at all) is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# --- building the float reference ------------------------------------------------------------------
+
+def float_reference(model: nn.Module, example_inputs: Batch, calibration_batches: Sequence[Batch],
+                    options: QuantOptions) -> tuple[fx.GraphModule, dict[str, str]]:
+    """The float graph `fxq.quantize` quantizes (traced, folded, fused, equalized) and its fused patterns.
+
+    This mirrors the float steps of fxq.api._quantize_static in the same order, and repeats the
+    equalization pass (it is deterministic given the calibration batches). Returned by fxq.api itself, it
+    would come for free and could not drift; `_check_reference` catches drift meanwhile.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        work = copy.deepcopy(model).eval()
+        run_example(work, example_inputs)
+        gm, _leaves = trace_model(work)
+        patterns = {found.nodes[0]: found.pattern for found in find_patterns(gm)}
+        fold_batchnorm(gm)
+        fuse_clamping_activations(gm)
+        if options.equalize:
+            equalize(gm, calibration_batches)
+    return gm, patterns
+
+
+def _float_weight(pair: LayerPair) -> torch.Tensor | None:
+    layer, _clamp = unwrap(pair.float_module)
+    return layer.weight.detach() if layer is not None else None
+
+
+def _int8_weight(pair: LayerPair) -> torch.Tensor | None:
+    return pair.int8_module.weight() if is_weighted_quantized_module(pair.int8_module) else None
+
+
+def _check_reference(pairs: Sequence[LayerPair], per_channel: bool) -> None:
+    """Each int8 weight must sit on the grid the engine derives from the reference's float weight.
+
+    The grid (per-channel scale) is a function of the float weight alone, so a reference that did not go
+    through the same rewrites and equalization as the int8 model shows up here as a different scale.
+    """
+    for pair in pairs:
+        float_weight, int8_weight = _float_weight(pair), _int8_weight(pair)
+        if float_weight is None or int8_weight is None:
+            continue
+        if float_weight.shape != int8_weight.shape:
+            raise FxqError(f"{pair.name}: float reference weight {tuple(float_weight.shape)} does not match the "
+                           f"int8 weight {tuple(int8_weight.shape)}; fxq.analysis.sensitivity.float_reference "
+                           "no longer mirrors fxq.quantize's pipeline")
+        expected, _, _ = weight_qparams(float_weight, per_channel)
+        if int8_weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            actual = int8_weight.q_per_channel_scales().float()
+        else:
+            actual = torch.tensor(float(int8_weight.q_scale()))
+        if not torch.allclose(actual.reshape(expected.shape), expected, rtol=1e-4, atol=0):
+            raise FxqError(f"{pair.name}: the int8 weight grid differs from the one of the float reference's "
+                           "weight; fxq.analysis.sensitivity.float_reference no longer mirrors fxq.quantize's "
+                           "float steps (a new pass changes weights before prepare?)")
+
+
+# --- the entry point -------------------------------------------------------------------------------
+
+def _eval_batches(eval_data: Iterable[Any], example_inputs: Batch) -> list[Batch]:
+    try:
+        return materialize(eval_data, example_inputs)
+    except FxqError as exc:
+        raise type(exc)(f"eval_data: {exc}") from exc
+
+
+def _row(pair: LayerPair, index: int, errors: LayerErrors, pattern: str | None) -> dict[str, Any]:
+    float_weight, int8_weight = _float_weight(pair), _int8_weight(pair)
+    has_weight = float_weight is not None and int8_weight is not None
+    grid = errors.input_grid
+    accumulated = errors.accumulated
+    return dict(
+        name=pair.name, op=pair.op, pattern=pattern, index=index,
+        sqnr_db=accumulated.sqnr_db,
+        own_sqnr_db=errors.own.sqnr_db if errors.own.count else None,
+        solo_sqnr_db=errors.solo.sqnr_db if errors.solo.count else None,
+        mse=accumulated.mse, cosine=accumulated.cosine, max_abs_error=accumulated.max_abs_error,
+        weight_sqnr_db=sqnr_db(float_weight, int8_weight.dequantize()) if has_weight else None,
+        weight_range_ratio=channel_range_ratio(float_weight) if has_weight else None,
+        activation_min=errors.activation.minimum, activation_max=errors.activation.maximum,
+        outlier_ratio=errors.activation.outlier_ratio,
+        input_scale=grid[0] if grid else None, input_zero_point=grid[1] if grid else None,
+        output_scale=float(pair.int8_module.scale), output_zero_point=int(pair.int8_module.zero_point),
+    )
+
+
+def _rank(rows: list[dict[str, Any]]) -> list[LayerSensitivity]:
+    def impact(row: dict[str, Any]) -> tuple[float, float, int]:
+        solo = row["solo_sqnr_db"]
+        return (math.inf if solo is None else solo, row["sqnr_db"], row["index"])
+
+    ranks = {row["name"]: rank for rank, row in enumerate(sorted(rows, key=impact), start=1)}
+    return [LayerSensitivity(impact_rank=ranks[row["name"]], **row) for row in rows]
+
+
+def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iterable[Any],
+                eval_data: Iterable[Any] | None = None, **quantize_options: Any) -> SensitivityReport:
+    """Measure how much int8 quantization costs at every quantized layer of `model`.
+
+    The model is quantized with `fxq.quantize(model, example_inputs, calibration_data=...,
+    **quantize_options)`; over `eval_data` (default: the calibration data) each layer gets its accumulated
+    SQNR (int8 model vs float model at that point), own SQNR (the int8 layer alone, on the float input) and
+    solo SQNR (the model's output when only that layer is int8), with error, weight and range statistics.
+    """
+    options = QuantOptions.from_kwargs(**quantize_options)
+    if options.mode is not Mode.STATIC:
+        raise ConfigError(f"fxq.sensitivity analyses static int8 quantization; mode={options.mode.value!r} is "
+                          "not supported (drop the mode option)")
+    check_model(model)
+    example_inputs = as_example_inputs(example_inputs)
+    calibration_batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
+    eval_batches = calibration_batches if eval_data is None else _eval_batches(eval_data, example_inputs)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    quantized = quantize(model, example_inputs, calibration_data=calibration_batches, **quantize_options)
+    timings["quantize"] = round(time.perf_counter() - start, 3)
+    summary = summary_of(quantized)
+
+    start = time.perf_counter()
+    reference, patterns = float_reference(model, example_inputs, calibration_batches, options)
+    remove_inplace_ops(reference)
+    pairs = pair_layers(reference, quantized)
+    _check_reference(pairs, options.per_channel_weights)
+    timings["float_reference"] = round(time.perf_counter() - start, 3)
+
+    shadow = run_side_by_side(reference, quantized, pairs, eval_batches, summary.engine,
+                              progress=options.progress)
+    timings.update(shadow.seconds)
+    rows = [_row(pair, index, shadow.layers[pair.name], patterns.get(pair.name)) for index, pair in enumerate(pairs)]
+    inputs = _Inputs(model, example_inputs, calibration_batches, eval_batches, dict(quantize_options),
+                     shadow.reference_outputs)
+    return SensitivityReport(_rank(rows), shadow.end_to_end.sqnr_db, summary.engine, summary.options,
+                             len(eval_batches), timings, quantized, inputs)
+
+
+__all__ = ["sensitivity", "SensitivityReport", "LayerSensitivity", "Recommendation", "float_reference"]

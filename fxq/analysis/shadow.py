@@ -1,0 +1,266 @@
+"""Shadow runs: the float reference graph and the int8 model side by side, layer by layer.
+
+One pass per eval batch gives, for every quantized layer (a call_module of the int8 graph that has a
+module of the same name in the float graph):
+
+- accumulated error: the int8 model's activation at the layer against the float model's;
+- own error: the layer's int8 module fed the float model's input to it, quantized to the grid the int8
+  module reads (its input tensor's scale and zero point, read off the int8 run), against the float layer;
+- solo error: the float model's output when only this layer runs its int8 module (fed as for the own
+  error) and everything else stays float.
+
+The solo runs reuse the float pass: every node value of the batch is kept, and each layer's run starts
+from those values and recomputes only the nodes downstream of the layer (fx.Interpreter's initial_env).
+Forward hooks capture activations, so the int8 model is run exactly as `fxq.quantize` returned it.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxq.analysis.metrics import ActivationStats, ErrorStats
+from fxq.backend.engine import is_quantized_module, using_engine
+from fxq.calibration import Batch
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """One quantized layer: its module name, the int8 module type and both modules."""
+
+    name: str
+    op: str
+    float_module: nn.Module
+    int8_module: nn.Module
+
+
+@dataclass
+class LayerErrors:
+    accumulated: ErrorStats = field(default_factory=ErrorStats)
+    own: ErrorStats = field(default_factory=ErrorStats)
+    solo: ErrorStats = field(default_factory=ErrorStats)
+    activation: ActivationStats = field(default_factory=ActivationStats)
+    # (scale, zero_point, dtype) of the int8 module's input; None if its input is not a per-tensor int8 tensor
+    input_grid: tuple[float, int, torch.dtype] | None = None
+
+
+@dataclass
+class ShadowResult:
+    layers: dict[str, LayerErrors]
+    end_to_end: ErrorStats
+    reference_outputs: list[list[torch.Tensor]]  # float model outputs per eval batch, flattened
+    seconds: dict[str, float] = field(default_factory=dict)  # side_by_side (both models, own), solo
+
+
+def pair_layers(float_gm: fx.GraphModule, quantized: fx.GraphModule) -> list[LayerPair]:
+    """Quantized layers of `quantized` that have a float counterpart by name, in graph order."""
+    float_modules = dict(float_gm.named_modules())
+    pairs: dict[str, LayerPair] = {}
+    for node in quantized.graph.nodes:
+        if node.op != "call_module" or node.target in pairs:
+            continue
+        module = quantized.get_submodule(str(node.target))
+        if is_quantized_module(module) and hasattr(module, "scale") and node.target in float_modules:
+            pairs[str(node.target)] = LayerPair(str(node.target), type(module).__name__,
+                                                float_modules[str(node.target)], module)
+    return list(pairs.values())
+
+
+# In-place ops would overwrite values the solo runs reuse; their out-of-place twins compute the same.
+_OUT_OF_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                           operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def remove_inplace_ops(gm: fx.GraphModule) -> None:
+    """Make every op of a float graph out of place (same function; the graph is edited in place)."""
+    for module in gm.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.target = _OUT_OF_PLACE_FUNCTIONS.get(node.target, node.target)
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
+                and hasattr(torch.Tensor, node.target[:-1]):
+            node.target = node.target[:-1]
+    gm.recompile()
+
+
+def output_tensors(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (a tensor, or nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_quantized:
+            return [value.dequantize()]
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in output_tensors(item)]
+    return []
+
+
+def _as_float(value: torch.Tensor) -> torch.Tensor:
+    return value.dequantize() if value.is_quantized else value
+
+
+def _input_grid(inputs: tuple[Any, ...]) -> tuple[float, int, torch.dtype] | None:
+    x = inputs[0] if inputs else None
+    if isinstance(x, torch.Tensor) and x.is_quantized and x.qscheme() in (torch.per_tensor_affine,
+                                                                          torch.per_tensor_symmetric):
+        return float(x.q_scale()), int(x.q_zero_point()), x.dtype
+    return None
+
+
+def _run_int8_on(pair: LayerPair, grid: tuple[float, int, torch.dtype], x: torch.Tensor) -> torch.Tensor:
+    """The int8 module on a float input rounded to the grid it reads in the int8 model, dequantized."""
+    scale, zero_point, dtype = grid
+    return _as_float(pair.int8_module(torch.quantize_per_tensor(x.detach(), scale, zero_point, dtype)))
+
+
+@dataclass
+class _Hooks:
+    handles: list[Any] = field(default_factory=list)
+
+    def add(self, module: nn.Module, hook: Callable[..., Any]) -> None:
+        self.handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def _downstream(nodes: list[fx.Node]) -> set[fx.Node]:
+    """The nodes and every node that (transitively) uses them."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return seen
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="solo runs", unit="layer", leave=False)
+
+
+@torch.no_grad()
+def run_side_by_side(float_gm: fx.GraphModule, quantized: fx.GraphModule, pairs: Sequence[LayerPair],
+                     batches: Sequence[Batch], engine: str, *, solo: bool = True,
+                     progress: bool = False) -> ShadowResult:
+    """Accumulated, own and solo errors of every layer in `pairs` over `batches`.
+
+    `float_gm` must be free of in-place ops (`remove_inplace_ops`): its node values are reused.
+    """
+    layers = {pair.name: LayerErrors() for pair in pairs}
+    end_to_end = ErrorStats()
+    reference_outputs = []
+    call_nodes = {pair.name: [n for n in float_gm.graph.nodes if n.op == "call_module" and n.target == pair.name]
+                  for pair in pairs}
+    downstream = {name: _downstream(nodes) for name, nodes in call_nodes.items()}
+    bar = _progress(len(batches) * len(pairs), progress and solo)
+    seconds = {"side_by_side": 0.0, "solo": 0.0}
+    with using_engine(engine):
+        for batch in batches:
+            start = time.perf_counter()
+            interpreter = fx.Interpreter(float_gm, garbage_collect_values=False)
+            references = output_tensors(interpreter.run(*batch))
+            env = interpreter.env
+            int8_result = _run_int8(quantized, pairs, layers, call_nodes, env, batch)
+            for reference, test in zip(references, output_tensors(int8_result), strict=True):
+                end_to_end.update(reference, test)
+            reference_outputs.append(references)
+            own_outputs = {pair.name: _measure_own(pair, layers[pair.name], call_nodes[pair.name], env)
+                           for pair in pairs}
+            middle = time.perf_counter()
+            seconds["side_by_side"] += middle - start
+            if solo:
+                for pair in pairs:
+                    if own_outputs[pair.name] is not None:
+                        result = _run_solo(float_gm, pair, layers[pair.name], call_nodes[pair.name],
+                                           own_outputs[pair.name], env, downstream[pair.name], batch)
+                        for reference, test in zip(references, output_tensors(result), strict=True):
+                            layers[pair.name].solo.update(reference, test)
+                    if bar is not None:
+                        bar.update(1)
+            seconds["solo"] += time.perf_counter() - middle
+            del env, own_outputs
+    if bar is not None:
+        bar.close()
+    return ShadowResult(layers, end_to_end, reference_outputs, {k: round(v, 3) for k, v in seconds.items()})
+
+
+def _run_int8(quantized: fx.GraphModule, pairs: Sequence[LayerPair], layers: dict[str, LayerErrors],
+              call_nodes: dict[str, list[fx.Node]], env: dict[fx.Node, Any], batch: Batch) -> Any:
+    """Run the int8 model, comparing each layer's output with the float value of the same call."""
+    calls = {pair.name: 0 for pair in pairs}
+    hooks = _Hooks()
+    for pair in pairs:
+        def compare(_module, inputs, output, name=pair.name):
+            errors, index = layers[name], calls[name]
+            calls[name] += 1
+            if index == 0:
+                errors.input_grid = _input_grid(inputs)
+            if index < len(call_nodes[name]):
+                reference = env[call_nodes[name][index]]
+                errors.activation.update(reference)
+                errors.accumulated.update(reference, _as_float(output))
+        hooks.add(pair.int8_module, compare)
+    try:
+        return quantized(*batch)
+    finally:
+        hooks.remove()
+
+
+def _float_input(node: fx.Node, env: dict[fx.Node, Any]) -> torch.Tensor | None:
+    first = node.args[0] if node.args else None
+    value = env.get(first) if isinstance(first, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _measure_own(pair: LayerPair, errors: LayerErrors, nodes: list[fx.Node],
+                 env: dict[fx.Node, Any]) -> list[torch.Tensor] | None:
+    """Own error of every call of the layer; returns the int8 outputs (one per call) for the solo run."""
+    if errors.input_grid is None:
+        return None
+    outputs = []
+    for node in nodes:
+        x = _float_input(node, env)
+        if x is None:
+            return None
+        own = _run_int8_on(pair, errors.input_grid, x)
+        errors.own.update(env[node], own)
+        outputs.append(own)
+    return outputs
+
+
+def _run_solo(float_gm: fx.GraphModule, pair: LayerPair, errors: LayerErrors, nodes: list[fx.Node],
+              own_outputs: list[torch.Tensor], env: dict[fx.Node, Any], downstream: set[fx.Node],
+              batch: Batch) -> Any:
+    """The float graph's output with only `pair` running its int8 module; upstream values are reused."""
+    initial_env = {node: value for node, value in env.items() if node not in downstream}
+    if len(nodes) == 1:
+        initial_env[nodes[0]] = own_outputs[0]
+        return fx.Interpreter(float_gm).run(*batch, initial_env=initial_env)
+
+    # a module called more than once: later calls see perturbed inputs, so substitute as they run
+    def substitute(_module, inputs, _output):
+        return _run_int8_on(pair, errors.input_grid, inputs[0])
+
+    handle = pair.float_module.register_forward_hook(substitute)
+    try:
+        return fx.Interpreter(float_gm).run(*batch, initial_env=initial_env)
+    finally:
+        handle.remove()
