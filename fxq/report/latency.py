@@ -1,0 +1,85 @@
+"""Float vs int8 latency on this CPU: median and p90 per batch size.
+
+The two models are timed alternately in one loop (float, int8, float, ...) so that frequency scaling,
+other processes and cache state drift hit both equally instead of biasing whichever ran second.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LatencyRow:
+    batch_size: int
+    threads: int
+    float_median_ms: float
+    float_p90_ms: float
+    int8_median_ms: float
+    int8_p90_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.float_median_ms / self.int8_median_ms if self.int8_median_ms > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "speedup": round(self.speedup, 3)}
+
+
+@contextmanager
+def _num_threads(threads: int | None) -> Iterator[int]:
+    """Run with `threads` intra-op threads (None: leave as is); the caller's setting is restored."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def resize_batch(example_inputs: tuple[Any, ...], batch_size: int) -> tuple[Any, ...]:
+    """The example inputs with every tensor's first dimension made `batch_size` (by slicing or repeating)."""
+    resized = []
+    for value in example_inputs:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if value.shape[0] >= batch_size:
+                value = value[:batch_size]
+            else:
+                repeats = -(-batch_size // value.shape[0])
+                value = value.repeat(repeats, *([1] * (value.dim() - 1)))[:batch_size]
+        resized.append(value)
+    return tuple(resized)
+
+
+def _quantile_ms(samples_s: list[float], q: float) -> float:
+    return round(float(torch.tensor(samples_s).quantile(q)) * 1000.0, 3)
+
+
+def measure_latency(float_model: nn.Module, quantized_model: nn.Module, example_inputs: tuple[Any, ...], *,
+                    batch_sizes: Sequence[int] = (1,), threads: int | None = None, warmup: int = 3,
+                    repeats: int = 15) -> list[LatencyRow]:
+    """Median and p90 wall time (ms) of one forward pass of each model, per batch size."""
+    rows = []
+    with _num_threads(threads) as used_threads, torch.inference_mode():
+        for batch_size in batch_sizes:
+            inputs = resize_batch(example_inputs, batch_size)
+            for _ in range(warmup):
+                float_model(*inputs)
+                quantized_model(*inputs)
+            float_times, int8_times = [], []
+            for _ in range(repeats):
+                for model, times in ((float_model, float_times), (quantized_model, int8_times)):
+                    start = time.perf_counter()
+                    model(*inputs)
+                    times.append(time.perf_counter() - start)
+            rows.append(LatencyRow(batch_size, used_threads, _quantile_ms(float_times, 0.5),
+                                   _quantile_ms(float_times, 0.9), _quantile_ms(int8_times, 0.5),
+                                   _quantile_ms(int8_times, 0.9)))
+    return rows
