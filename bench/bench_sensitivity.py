@@ -1,0 +1,72 @@
+"""Time fxq.sensitivity on ImageNet MobileNetV2 (52 convs + classifier) with 32 calibration and 32 eval images.
+
+    python bench/bench_sensitivity.py [--images 32] [--batch 8] [--repeat 1] [-- quantize options, e.g.
+                                      --option optimize_rounding=False]
+
+Prints the machine (CPU model, torch threads, load), the wall time and CPU time of each step, and the
+end-to-end SQNR, so runs on other machines or commits can be compared. The CPU time is shown because a
+shared machine's wall time depends on what else runs: CPU seconds / threads approximates an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import platform
+import time
+
+import torch
+
+from fxq import samples
+from fxq.analysis.sensitivity import sensitivity
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    name, _, value = text.partition("=")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return name, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32, help="calibration images and eval images (each)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--option", action="append", default=[], help="quantize option NAME=VALUE")
+    args = parser.parse_args()
+    options = dict(parse_option(text) for text in args.option)
+
+    print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
+          f"torch.get_num_threads()={torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    model = samples.pretrained_mobilenet_v2()
+    calibration = list(samples.random_crops(args.images, seed=1).split(args.batch))
+    evaluation = list(samples.random_crops(args.images, seed=2).split(args.batch))
+    print(f"MobileNetV2, {args.images} calibration + {args.images} eval images in batches of {args.batch}, "
+          f"options {options or 'default'}")
+    for run in range(args.repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = sensitivity(model, calibration[0][:1], calibration_data=calibration, eval_data=evaluation,
+                             **options)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        steps = ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.timings_s.items())
+        print(f"run {run + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU ({cpu / torch.get_num_threads():.1f} s per "
+              f"thread); steps (s): {steps}; {len(report.layers)} layers, end-to-end SQNR "
+              f"{report.end_to_end_sqnr_db:.1f} dB; load average now {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""fxq.sensitivity: per-layer accumulated, own and solo SQNR on models where the answer is known."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fxq import samples
+from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
+from fxq.analysis.sensitivity import SensitivityReport, sensitivity
+from fxq.backend.engine import using_engine
+from fxq.errors import ConfigError, InputError, MissingExtraError
+
+OUTLIER_SCALE = 100.0  # planted weights, in units of the layer's largest ordinary weight
+
+
+class Planted(nn.Module):
+    """conv -> conv (planted outliers) -> 1x1 identity conv -> conv, dense output (no pooling).
+
+    `mid` has, in every output row, a +K and a -K weight on two input channels that `stem` computes
+    identically: they cancel exactly in float (and in int8, where both inputs get the same codes), but the
+    per-channel weight scale must span K, so the row's ordinary weights lose nearly all their precision.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.ident = nn.Conv2d(16, 16, 1, bias=False)
+        self.tail = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.ident(self.mid(self.stem(x))))
+
+
+def planted_model() -> Planted:
+    torch.manual_seed(0)
+    model = Planted().eval()
+    with torch.no_grad():
+        model.ident.weight.copy_(torch.eye(16).view(16, 16, 1, 1))
+        stem = model.stem[0]
+        stem.weight[1], stem.bias[1] = stem.weight[0], stem.bias[0]
+        mid = model.mid[0].weight
+        big = OUTLIER_SCALE * mid.abs().max()
+        mid[:, 0, 1, 1], mid[:, 1, 1, 1] = big, -big
+    return model
+
+
+@pytest.fixture(scope="session")
+def photo_batches():
+    calibration = samples.random_crops(16, seed=1, size=64)
+    evaluation = samples.random_crops(16, seed=2, size=64)
+    return list(calibration.split(8)), list(evaluation.split(8))
+
+
+@pytest.fixture(scope="session")
+def planted_report(photo_batches):
+    calibration, evaluation = photo_batches
+    # Equalization would move the planted weight range into stem's activations (that is its job);
+    # without it the damage stays where it was planted.
+    return sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, eval_data=evaluation,
+                       equalize=False)
+
+
+def test_planted_outlier_layer_ranks_first_by_impact(planted_report):
+    ranked = planted_report.ranked()
+    assert [layer.name for layer in ranked][0] == "mid.0"
+    assert ranked[0].solo_sqnr_db < ranked[1].solo_sqnr_db - 10.0
+    assert planted_report["mid.0"].own_sqnr_db < 25.0
+    assert str(planted_report).index("mid.0") < str(planted_report).index("stem.0")
+
+
+def test_identity_layer_own_error_is_free_of_upstream_error(planted_report):
+    ident = planted_report["ident"]
+    assert ident.own_sqnr_db > 35.0
+    # what reaches it from mid.0 dominates its accumulated error, not its own rounding
+    assert ident.sqnr_db < ident.own_sqnr_db - 10.0
+    assert ident.sqnr_db == pytest.approx(planted_report["mid.0"].sqnr_db, abs=1.0)
+    assert ident.weight_range_ratio == pytest.approx(1.0)
+
+
+def test_last_layer_solo_equals_own_and_accumulated_equals_end_to_end(planted_report):
+    last = planted_report.layers[-1]
+    assert last.name == "tail.0"
+    assert last.solo_sqnr_db == pytest.approx(last.own_sqnr_db, abs=1e-6)
+    assert last.sqnr_db == pytest.approx(planted_report.end_to_end_sqnr_db, abs=1e-6)
+
+
+def test_rows_carry_every_documented_attribute(planted_report):
+    assert [layer.index for layer in planted_report.layers] == list(range(4))
+    assert sorted(layer.impact_rank for layer in planted_report.layers) == [1, 2, 3, 4]
+    for layer in planted_report.layers:
+        assert layer.op in ("ConvReLU2d", "Conv2d")
+        for attribute in ("sqnr_db", "own_sqnr_db", "solo_sqnr_db", "mse", "cosine", "max_abs_error",
+                          "weight_sqnr_db", "weight_range_ratio", "activation_min", "activation_max",
+                          "outlier_ratio"):
+            assert math.isfinite(getattr(layer, attribute)), (layer.name, attribute)
+        assert 0.9 < layer.cosine <= 1.0
+        assert layer.activation_min >= 0.0 or layer.op == "Conv2d"
+    assert planted_report["stem.0"].pattern == "conv-relu"
+    assert planted_report["ident"].pattern is None
+
+
+def test_json_and_csv_export(planted_report, tmp_path):
+    data = json.loads(planted_report.to_json(tmp_path / "report.json"))
+    assert [row["name"] for row in data["layers"]] == [layer.name for layer in planted_report.layers]
+    assert data["layers"][1]["solo_sqnr_db"] == pytest.approx(planted_report["mid.0"].solo_sqnr_db)
+    assert json.loads((tmp_path / "report.json").read_text()) == data
+    rows = list(csv.DictReader(io.StringIO(planted_report.to_csv(tmp_path / "report.csv"))))
+    assert [row["name"] for row in rows] == [layer.name for layer in planted_report.layers]
+    assert float(rows[1]["own_sqnr_db"]) == pytest.approx(planted_report["mid.0"].own_sqnr_db)
+
+
+def test_recommend_keeps_the_planted_layer_in_float_and_verifies(planted_report):
+    target = planted_report.end_to_end_sqnr_db + 10.0
+    names = planted_report.recommend(target)
+    assert names[0] == "mid.0"
+    recommendation = planted_report.recommendation
+    assert recommendation.verified_sqnr_db >= target
+    assert recommendation.keep_float == names
+    int8_names = {name for name, module in recommendation.model.named_modules()
+                  if type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized")}
+    assert "mid.0" not in int8_names and "stem.0" in int8_names
+    assert planted_report.recommend(planted_report.end_to_end_sqnr_db - 1.0) == []
+    with pytest.raises(ConfigError, match="target_sqnr_db"):
+        planted_report.recommend(-3)
+
+
+def test_plot_needs_matplotlib(planted_report, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(MissingExtraError, match="matplotlib"):
+        planted_report.plot()
+
+
+def test_plot_draws_every_layer(planted_report, tmp_path):
+    pytest.importorskip("matplotlib")
+    figure = planted_report.plot(tmp_path / "sqnr.png")
+    assert (tmp_path / "sqnr.png").stat().st_size > 0
+    assert len(figure.axes[0].get_xticklabels()) == len(planted_report.layers)
+
+
+def test_bad_options_and_data_are_rejected(photo_batches):
+    calibration, _ = photo_batches
+    with pytest.raises(ConfigError, match="static"):
+        sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, mode="dynamic")
+    with pytest.raises(InputError, match="eval_data"):
+        sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration,
+                    eval_data=[(calibration[0], calibration[0])])
+
+
+def test_error_stats_match_known_noise():
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.randn(4, 1000, generator=generator)
+    noise = 0.01 * torch.randn(4, 1000, generator=generator)
+    expected = 10 * math.log10(float(signal.square().sum() / noise.square().sum()))
+    stats = ErrorStats()
+    for part_signal, part_noise in zip(signal, noise):  # accumulated over parts = measured on the whole
+        stats.update(part_signal, part_signal + part_noise)
+    assert stats.sqnr_db == pytest.approx(expected, abs=1e-4)
+    assert sqnr_db(signal, signal + noise) == pytest.approx(expected, abs=1e-4)
+    assert stats.mse == pytest.approx(float(noise.square().mean()), rel=1e-4)
+    assert stats.max_abs_error == pytest.approx(float(noise.abs().max()), rel=1e-6)
+    assert stats.cosine == pytest.approx(float(torch.nn.functional.cosine_similarity(
+        signal.reshape(1, -1), (signal + noise).reshape(1, -1))), abs=1e-5)
+    weight = torch.ones(4, 3, 3, 3)
+    weight[2] *= 50
+    weight[3] = 0  # dead channel: ignored
+    assert channel_range_ratio(weight) == pytest.approx(50.0)
+
+
+# --- real model ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def mobilenet_report():
+    model = samples.pretrained_mobilenet_v2()
+    calibration = list(samples.random_crops(16, seed=1).split(8))
+    evaluation = list(samples.random_crops(16, seed=2).split(8))
+    report = sensitivity(model, calibration[0][:1], calibration_data=calibration, eval_data=evaluation)
+    return model, evaluation, report
+
+
+def test_mobilenet_lists_every_conv(mobilenet_report):
+    model, _, report = mobilenet_report
+    convs = [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
+    assert len(convs) == 52
+    rows = {layer.name: layer for layer in report.layers}
+    assert set(convs) <= set(rows)
+    assert [layer.name for layer in report.layers if layer.name in convs] == convs  # graph order
+    table = str(report)
+    for name in convs:
+        assert f" {name} " in table
+        assert rows[name].own_sqnr_db is not None and rows[name].solo_sqnr_db is not None
+        assert rows[name].weight_sqnr_db > 25.0
+    depthwise = rows["features.1.conv.0.0"]
+    assert depthwise.weight_range_ratio > 100.0  # BN-folded depthwise filters: the classic per-tensor trap
+
+
+def test_mobilenet_last_layer_accumulated_sqnr_matches_logits(mobilenet_report):
+    model, evaluation, report = mobilenet_report
+    with torch.no_grad(), using_engine(report.engine):
+        float_logits = torch.cat([model(batch) for batch in evaluation])
+        int8_logits = torch.cat([report.quantized(batch) for batch in evaluation])
+    end_to_end = sqnr_db(float_logits, int8_logits)
+    last = report.layers[-1]
+    assert last.name == "classifier.1"
+    assert last.sqnr_db == pytest.approx(end_to_end, abs=1.0)
+    assert report.end_to_end_sqnr_db == pytest.approx(end_to_end, abs=1.0)
+    # solo impacts add up (roughly, noise powers) to no less than the whole model's error
+    solo_noise = sum(10 ** (-layer.solo_sqnr_db / 10) for layer in report.layers)
+    assert 10 * math.log10(1 / solo_noise) < end_to_end + 6.0
+
+
+def test_report_repr_names_layers(mobilenet_report):
+    _, _, report = mobilenet_report
+    assert isinstance(report, SensitivityReport)
+    assert "53 layers" in repr(report)
+    with pytest.raises(KeyError, match="no quantized layer"):
+        report["features.99"]
