@@ -1,0 +1,98 @@
+"""Dynamic quantization: int8 weights for LSTM and Linear, activations quantized per call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.ao.nn.quantized import dynamic as nnqd
+
+import fxq
+from helpers import assert_state_unchanged, sqnr, state_snapshot
+
+# Observed about 43 dB on these inputs when this was written; the floor leaves margin.
+DYNAMIC_SQNR_FLOOR_DB = 30.0
+
+
+class SequenceTagger(nn.Module):
+    """Per-step logits from an LSTM's output sequence (unpacks the LSTM's (output, (h, c)) tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps, _ = self.lstm(x)
+        return self.head(steps)
+
+
+class SequenceClassifier(nn.Module):
+    """Logits from the last layer's final hidden state (indexes into the nested state tuple)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 64, batch_first=True)
+        self.hidden = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, (hidden, _) = self.lstm(x)
+        return self.head(torch.relu(self.hidden(hidden[-1])))
+
+
+class RawLSTM(nn.Module):
+    """Returns the LSTM's whole (output, (h, c)) tuple to the caller."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 64, batch_first=True)
+
+    def forward(self, x: torch.Tensor):
+        return self.lstm(x)
+
+
+def build(model_class: type[nn.Module]) -> nn.Module:
+    torch.manual_seed(0)
+    return model_class().eval()
+
+
+@pytest.mark.parametrize("model_class,linears", [(SequenceTagger, 1), (SequenceClassifier, 2)])
+def test_lstm_and_linear_become_dynamic_int8(model_class, linears):
+    model = build(model_class)
+    snapshot = state_snapshot(model)
+    quantized = fxq.quantize(model, torch.randn(2, 7, 32), mode="dynamic")
+    assert_state_unchanged(model, snapshot)
+    kinds = [type(m) for m in quantized.modules()]
+    assert kinds.count(nnqd.LSTM) == 1
+    assert kinds.count(nnqd.Linear) == linears
+    assert not any(type(m) in (nn.LSTM, nn.Linear) for m in quantized.modules())
+
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(16, 20, 32, generator=generator)  # other batch and length than the example
+    with torch.no_grad():
+        expected, actual = model(inputs), quantized(inputs)
+    assert actual.shape == expected.shape
+    measured = sqnr(expected, actual)
+    print(f"{model_class.__name__} dynamic SQNR: {measured:.1f} dB")
+    assert measured >= DYNAMIC_SQNR_FLOOR_DB
+
+
+def test_lstm_tuple_output_passes_through():
+    model = build(RawLSTM)
+    quantized = fxq.quantize(model, torch.randn(2, 7, 32), mode="dynamic")
+    inputs = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        (steps, (hidden, cell)), (q_steps, (q_hidden, q_cell)) = model(inputs), quantized(inputs)
+    assert q_steps.shape == steps.shape == (3, 9, 64)
+    assert q_hidden.shape == hidden.shape and q_cell.shape == cell.shape
+    for expected, actual in ((steps, q_steps), (hidden, q_hidden), (cell, q_cell)):
+        assert sqnr(expected, actual) >= DYNAMIC_SQNR_FLOOR_DB
+
+
+def test_dynamic_needs_no_calibration_data_and_records_a_summary():
+    quantized = fxq.quantize(build(SequenceTagger), torch.randn(1, 4, 32), mode="dynamic")
+    summary = fxq.summary_of(quantized)
+    assert summary is not None
+    assert summary.options["mode"] == "dynamic"
+    assert summary.float_layers == []

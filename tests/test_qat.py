@@ -1,0 +1,109 @@
+"""Quantization-aware training on scikit-learn's handwritten digits (8x8 images, 1797 samples)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+import fxq
+from helpers import assert_state_unchanged, state_snapshot
+
+FLOAT_EPOCHS = 6
+QAT_EPOCHS = 3  # ranges and BatchNorm statistics frozen in the last one
+MIN_FLOAT_ACCURACY = 0.95
+MAX_ACCURACY_DROP = 0.01
+
+
+class DigitsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.classifier = nn.Linear(32 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(data.target, dtype=torch.long)
+    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.25, random_state=0,
+                                                        stratify=labels)
+    return train_x, train_y, test_x, test_y
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator, batch_size: int = 32) -> None:
+    model.train()
+    order = torch.randperm(len(images), generator=generator)
+    for start in range(0, len(images), batch_size):
+        index = order[start:start + batch_size]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
+        optimizer.step()
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(images).argmax(1) == labels).float().mean())
+
+
+def test_qat_int8_accuracy_within_one_point_of_float(digits):
+    train_x, train_y, test_x, test_y = digits
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = DigitsNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(FLOAT_EPOCHS):
+        train_epoch(model, optimizer, train_x, train_y, generator)
+    model.eval()
+    float_accuracy = accuracy(model, test_x, test_y)
+    assert float_accuracy >= MIN_FLOAT_ACCURACY
+
+    snapshot = state_snapshot(model)
+    qat_model = fxq.prepare_qat(model, train_x[:32])
+    assert_state_unchanged(model, snapshot)
+    assert not model.training
+    qat_optimizer = torch.optim.Adam(qat_model.parameters(), lr=3e-4)
+    for epoch in range(QAT_EPOCHS):
+        if epoch == QAT_EPOCHS - 1:
+            fxq.freeze_observers(qat_model)
+            fxq.freeze_bn_stats(qat_model)
+        train_epoch(qat_model, qat_optimizer, train_x, train_y, generator)
+    int8_model = fxq.convert(qat_model)
+    int8_accuracy = accuracy(int8_model, test_x, test_y)
+    print(f"digits: float {float_accuracy:.4f}, QAT int8 {int8_accuracy:.4f}")
+    assert int8_accuracy >= float_accuracy - MAX_ACCURACY_DROP
+    int8_convs = [m for m in int8_model.modules() if type(m).__module__.startswith("torch.ao.nn.intrinsic.quantized")]
+    assert len(int8_convs) == 2
+    assert not any(isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) for m in int8_model.modules())
+
+
+def test_frozen_qat_model_stops_updating_ranges_and_bn_stats(digits):
+    train_x, train_y, _, _ = digits
+    torch.manual_seed(0)
+    qat_model = fxq.prepare_qat(DigitsNet().eval(), train_x[:8])
+    train_epoch(qat_model, torch.optim.SGD(qat_model.parameters(), lr=0.0), train_x[:64], train_y[:64],
+                torch.Generator().manual_seed(0))
+    fxq.freeze_observers(qat_model)
+    fxq.freeze_bn_stats(qat_model)
+    frozen = {name: tensor.clone() for name, tensor in qat_model.state_dict().items()
+              if "running_" in name or name.endswith((".scale", ".zero_point", "min_val", "max_val"))}
+    assert any("running_mean" in name for name in frozen) and any(name.endswith(".scale") for name in frozen)
+    train_epoch(qat_model, torch.optim.SGD(qat_model.parameters(), lr=0.0), train_x[64:256] * 3.0,
+                train_y[64:256], torch.Generator().manual_seed(1))
+    after = qat_model.state_dict()
+    assert all(torch.equal(after[name], before) for name, before in frozen.items())
+
+
+def test_convert_rejects_a_model_not_from_prepare_qat():
+    with pytest.raises(fxq.InputError, match="prepare_qat"):
+        fxq.convert(DigitsNet())
