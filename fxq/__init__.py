@@ -5,9 +5,11 @@
 The public API is re-exported here; everything else is an implementation detail.
 """
 
+from fxq.analysis.sensitivity import SensitivityReport, sensitivity
 from fxq.api import Inspection, convert, freeze_bn_stats, freeze_observers, inspect, prepare_qat, quantize
 from fxq.calibration import inputs_only
 from fxq.config import QuantOptions
+from fxq.report import Report, report
 from fxq.errors import (BackendError, CalibrationError, ConfigError, FxqError, InputError, MissingExtraError,
                         SerializationError, TraceError)
 from fxq.serialize import load, save
@@ -17,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "prepare_qat", "convert", "freeze_observers", "freeze_bn_stats", "inspect", "Inspection",
-    "inputs_only", "save", "load", "summary_of", "QuantizationSummary", "QuantOptions",
+    "sensitivity", "SensitivityReport", "report", "Report", "inputs_only", "save", "load", "summary_of", "QuantizationSummary", "QuantOptions",
     "FxqError", "ConfigError", "InputError", "TraceError", "BackendError", "CalibrationError",
     "SerializationError", "MissingExtraError",
 ]

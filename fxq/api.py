@@ -120,6 +120,13 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
                                        float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
                                        timings_s=timer.seconds))
             return quantized
+        if opts.target_sqnr_db is not None:
+            from fxq.recovery.mixed_precision import quantize_to_target
+
+            batches = materialize(calibration_data, example_inputs, opts.max_calibration_batches)
+            options.pop("target_sqnr_db")
+            return quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db,
+                                      dict(options, mode=mode, backend=backend))
         quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, choice,
                                               leaves, patterns, timer)
     attach(quantized, summary)
@@ -134,12 +141,6 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     _check_float_outputs(work, batches)
     non_traceable = [leaf.module for leaf in leaves]
     keep_float = list(opts.keep_float)
-    if opts.target_sqnr_db is not None:
-        from fxq.recovery.mixed_precision import layers_to_keep_float
-
-        with timer.step("mixed_precision"):
-            keep_float += layers_to_keep_float(work, example_inputs, batches, opts)
-        opts = opts.replace(keep_float=tuple(keep_float), target_sqnr_db=opts.target_sqnr_db)
     with timer.step("rewrite"):
         rewrites = fold_batchnorm(gm) + fuse_clamping_activations(gm)
     equalized, corrected = [], []
