@@ -108,6 +108,16 @@ def test_rows_carry_every_documented_attribute(planted_report):
     assert planted_report["ident"].pattern is None
 
 
+def test_target_sqnr_option_adds_a_verified_recommendation(photo_batches):
+    calibration, evaluation = photo_batches
+    report = sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, eval_data=evaluation,
+                         equalize=False, target_sqnr_db=30.0)
+    assert report.recommendation.keep_float[:1] == ["mid.0"]
+    assert report.recommendation.verified_sqnr_db >= 30.0
+    assert "recommended keep_float for 30 dB" in str(report)
+    assert "| mid.0 " in report.to_markdown()
+
+
 def test_json_and_csv_export(planted_report, tmp_path):
     data = json.loads(planted_report.to_json(tmp_path / "report.json"))
     assert [row["name"] for row in data["layers"]] == [layer.name for layer in planted_report.layers]
@@ -179,12 +189,12 @@ def test_error_stats_match_known_noise():
 # --- real model ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def mobilenet_report():
-    model = samples.pretrained_mobilenet_v2()
-    calibration = list(samples.random_crops(16, seed=1).split(8))
-    evaluation = list(samples.random_crops(16, seed=2).split(8))
-    report = sensitivity(model, calibration[0][:1], calibration_data=calibration, eval_data=evaluation)
-    return model, evaluation, report
+def mobilenet_report(mobilenet, calibration_crops, eval_crops):
+    # the first 16 of the shared crops are random_crops(16, seed=1) and random_crops(16, seed=2)
+    calibration = list(calibration_crops[:16].split(8))
+    evaluation = list(eval_crops[:16].split(8))
+    report = sensitivity(mobilenet, calibration[0][:1], calibration_data=calibration, eval_data=evaluation)
+    return mobilenet, evaluation, report
 
 
 def test_mobilenet_lists_every_conv(mobilenet_report):

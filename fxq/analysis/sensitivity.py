@@ -133,7 +133,7 @@ class SensitivityReport:
         """Layers by impact on the output, largest first (lowest solo SQNR)."""
         return sorted(self.layers, key=lambda layer: layer.impact_rank)
 
-    def __str__(self) -> str:
+    def _table(self, tablefmt: str) -> str:
         from tabulate import tabulate
 
         rows = [[layer.impact_rank, layer.name, layer.op, layer.pattern or "-", _db(layer.solo_sqnr_db),
@@ -144,15 +144,23 @@ class SensitivityReport:
                 for layer in self.ranked()]
         headers = ["rank", "layer", "op", "pattern", "solo dB", "own dB", "accum dB", "weight dB",
                    "w range ratio", "activation range", "outlier", "cosine", "mse", "max |err|"]
-        title = (f"int8 sensitivity: end-to-end SQNR {_db(self.end_to_end_sqnr_db)} dB over {self.eval_batches} "
-                 f"eval batch(es), engine {self.engine}; ranked by solo SQNR (output SQNR with only that layer "
-                 "in int8), lowest first")
-        text = title + "\n" + tabulate(rows, headers=headers, disable_numparse=True)
-        if self.recommendation is not None:
-            rec = self.recommendation
-            text += (f"\n\nrecommended keep_float for {rec.target_sqnr_db:g} dB: {rec.keep_float} "
-                     f"(verified {_db(rec.verified_sqnr_db)} dB)")
-        return text
+        return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    def _title(self) -> str:
+        return (f"int8 sensitivity: end-to-end SQNR {_db(self.end_to_end_sqnr_db)} dB over {self.eval_batches} "
+                f"eval batch(es), engine {self.engine}; ranked by solo SQNR (output SQNR with only that layer "
+                "in int8), lowest first")
+
+    def _recommendation_line(self) -> str:
+        rec = self.recommendation
+        return "" if rec is None else (f"\n\nrecommended keep_float for {rec.target_sqnr_db:g} dB: {rec.keep_float} "
+                                       f"(verified {_db(rec.verified_sqnr_db)} dB)")
+
+    def __str__(self) -> str:
+        return self._title() + "\n" + self._table("simple") + self._recommendation_line()
+
+    def to_markdown(self) -> str:
+        return self._title() + "\n\n" + self._table("github") + self._recommendation_line() + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -372,8 +380,10 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
     **quantize_options)`; over `eval_data` (default: the calibration data) each layer gets its accumulated
     SQNR (int8 model vs float model at that point), own SQNR (the int8 layer alone, on the float input) and
     solo SQNR (the model's output when only that layer is int8), with error, weight and range statistics.
+    With `target_sqnr_db`, the report also carries `recommend(target_sqnr_db)`'s verified choice.
     """
     options = QuantOptions.from_kwargs(**quantize_options)
+    target_sqnr_db = quantize_options.pop("target_sqnr_db", None)  # analyse the all-int8 model, then recommend
     if options.mode is not Mode.STATIC:
         raise ConfigError(f"fxq.sensitivity analyses static int8 quantization; mode={options.mode.value!r} is "
                           "not supported (drop the mode option)")
@@ -401,8 +411,13 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
     rows = [_row(pair, index, shadow.layers[pair.name], patterns.get(pair.name)) for index, pair in enumerate(pairs)]
     inputs = _Inputs(model, example_inputs, calibration_batches, eval_batches, dict(quantize_options),
                      shadow.reference_outputs)
-    return SensitivityReport(_rank(rows), shadow.end_to_end.sqnr_db, summary.engine, summary.options,
-                             len(eval_batches), timings, quantized, inputs)
+    report = SensitivityReport(_rank(rows), shadow.end_to_end.sqnr_db, summary.engine, summary.options,
+                               len(eval_batches), timings, quantized, inputs)
+    if target_sqnr_db is not None:
+        start = time.perf_counter()
+        report.recommend(target_sqnr_db)
+        timings["recommend"] = round(time.perf_counter() - start, 3)
+    return report
 
 
 __all__ = ["sensitivity", "SensitivityReport", "LayerSensitivity", "Recommendation", "float_reference"]
