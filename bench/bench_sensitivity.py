@@ -20,6 +20,7 @@ import torch
 
 from fxq import samples
 from fxq.analysis.sensitivity import sensitivity
+from fxq.summary import summary_of
 
 
 def cpu_model() -> str:
@@ -63,9 +64,12 @@ def main() -> None:
                              **options)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         steps = ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.timings_s.items())
+        quantize_steps = ", ".join(f"{name} {seconds:.1f}" for name, seconds in
+                                   summary_of(report.quantized).timings_s.items())
         print(f"run {run + 1}: {wall:.1f} s wall, {cpu:.1f} s CPU ({cpu / torch.get_num_threads():.1f} s per "
               f"thread); steps (s): {steps}; {len(report.layers)} layers, end-to-end SQNR "
               f"{report.end_to_end_sqnr_db:.1f} dB; load average now {os.getloadavg()[0]:.2f}")
+        print(f"  inside quantize (s): {quantize_steps}")
 
 
 if __name__ == "__main__":

@@ -166,6 +166,40 @@ def test_bad_options_and_data_are_rejected(photo_batches):
                     eval_data=[(calibration[0], calibration[0])])
 
 
+class TwoInputs(nn.Module):
+    """Structure only: two inputs, an in-place add and ReLU, a module called twice, nested dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = nn.Conv2d(8, 8, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        u = self.a(x)
+        u += self.b(y)
+        u = self.relu(u)
+        w = self.shared(self.shared(u))
+        return {"logits": self.fc(w.mean((2, 3))), "maps": (w, u)}
+
+
+def test_structure_two_inputs_inplace_ops_shared_module_dict_output():
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    batches = [(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)) for _ in range(3)]
+    report = sensitivity(model, batches[0], calibration_data=batches)
+    assert [layer.name for layer in report.layers] == ["a", "b", "shared", "fc"]
+    for layer in report.layers:
+        assert math.isfinite(layer.own_sqnr_db) and math.isfinite(layer.solo_sqnr_db), layer.name
+    # the shared module's second call reads the first call's int8 output: its own grid, not the first input's
+    assert report["shared"].own_sqnr_db == pytest.approx(report["shared"].sqnr_db, abs=3.0)
+    assert model.relu.inplace is True  # the user's model is untouched
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
 def test_error_stats_match_known_noise():
     generator = torch.Generator().manual_seed(0)
     signal = torch.randn(4, 1000, generator=generator)

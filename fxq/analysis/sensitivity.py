@@ -380,7 +380,8 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
     **quantize_options)`; over `eval_data` (default: the calibration data) each layer gets its accumulated
     SQNR (int8 model vs float model at that point), own SQNR (the int8 layer alone, on the float input) and
     solo SQNR (the model's output when only that layer is int8), with error, weight and range statistics.
-    With `target_sqnr_db`, the report also carries `recommend(target_sqnr_db)`'s verified choice.
+    End-to-end SQNRs are over all the model's floating-point outputs together. With `target_sqnr_db`, the
+    report also carries `recommend(target_sqnr_db)`'s verified choice.
     """
     options = QuantOptions.from_kwargs(**quantize_options)
     target_sqnr_db = quantize_options.pop("target_sqnr_db", None)  # analyse the all-int8 model, then recommend

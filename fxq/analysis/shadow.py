@@ -45,8 +45,13 @@ class LayerErrors:
     own: ErrorStats = field(default_factory=ErrorStats)
     solo: ErrorStats = field(default_factory=ErrorStats)
     activation: ActivationStats = field(default_factory=ActivationStats)
-    # (scale, zero_point, dtype) of the int8 module's input; None if its input is not a per-tensor int8 tensor
-    input_grid: tuple[float, int, torch.dtype] | None = None
+    # per call of the module: (scale, zero_point, dtype) of its int8 input; None if not a per-tensor int8 tensor
+    input_grids: list[tuple[float, int, torch.dtype] | None] = field(default_factory=list)
+
+    @property
+    def input_grid(self) -> tuple[float, int, torch.dtype] | None:
+        """The grid of the first call's input (the only call, for all but shared modules)."""
+        return self.input_grids[0] if self.input_grids else None
 
 
 @dataclass
@@ -211,8 +216,8 @@ def _run_int8(quantized: fx.GraphModule, pairs: Sequence[LayerPair], layers: dic
         def compare(_module, inputs, output, name=pair.name):
             errors, index = layers[name], calls[name]
             calls[name] += 1
-            if index == 0:
-                errors.input_grid = _input_grid(inputs)
+            if index == len(errors.input_grids):
+                errors.input_grids.append(_input_grid(inputs))
             if index < len(call_nodes[name]):
                 reference = env[call_nodes[name][index]]
                 errors.activation.update(reference)
@@ -233,14 +238,15 @@ def _float_input(node: fx.Node, env: dict[fx.Node, Any]) -> torch.Tensor | None:
 def _measure_own(pair: LayerPair, errors: LayerErrors, nodes: list[fx.Node],
                  env: dict[fx.Node, Any]) -> list[torch.Tensor] | None:
     """Own error of every call of the layer; returns the int8 outputs (one per call) for the solo run."""
-    if errors.input_grid is None:
+    grids = errors.input_grids
+    if len(grids) != len(nodes) or any(grid is None for grid in grids):
         return None
     outputs = []
-    for node in nodes:
+    for node, grid in zip(nodes, grids):
         x = _float_input(node, env)
         if x is None:
             return None
-        own = _run_int8_on(pair, errors.input_grid, x)
+        own = _run_int8_on(pair, grid, x)
         errors.own.update(env[node], own)
         outputs.append(own)
     return outputs
@@ -256,8 +262,10 @@ def _run_solo(float_gm: fx.GraphModule, pair: LayerPair, errors: LayerErrors, no
         return fx.Interpreter(float_gm).run(*batch, initial_env=initial_env)
 
     # a module called more than once: later calls see perturbed inputs, so substitute as they run
+    calls = iter(errors.input_grids)
+
     def substitute(_module, inputs, _output):
-        return _run_int8_on(pair, errors.input_grid, inputs[0])
+        return _run_int8_on(pair, next(calls), inputs[0])
 
     handle = pair.float_module.register_forward_hook(substitute)
     try:
