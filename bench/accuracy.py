@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import time
 import warnings
 
@@ -22,6 +21,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
+from fxq.report.latency import measure_latency
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 
 warnings.filterwarnings("ignore")
@@ -44,18 +44,10 @@ def native_fx(model: torch.nn.Module, calibration: list[torch.Tensor]) -> torch.
     return convert_fx(prepared)
 
 
-def batch1_latency_ratio(float_model, int8_model, example, rounds: int = 30) -> float:
+def batch1_latency_ratio(float_model, int8_model, example) -> float:
     """Median int8 / float batch-1 latency, the two timed alternately after warm-up."""
-    timings = {"float": [], "int8": []}
-    with torch.no_grad():
-        for _ in range(5):
-            float_model(example), int8_model(example)
-        for _ in range(rounds):
-            for name, model in (("float", float_model), ("int8", int8_model)):
-                start = time.perf_counter()
-                model(example)
-                timings[name].append(time.perf_counter() - start)
-    return statistics.median(timings["int8"]) / statistics.median(timings["float"])
+    (row,) = measure_latency(float_model, int8_model, (example,), batch_sizes=(1,), repeats=30)
+    return row.int8_median_ms / row.float_median_ms
 
 
 FXQ_FLOWS = {

@@ -22,6 +22,7 @@ from fxq.errors import CalibrationError, ConfigError, InputError
 from fxq.frontend.patterns import FoundPattern, find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import FloatLeaf, trace_model
+from fxq.kernel_choice import convert_on_most_faithful_engine
 from fxq.recovery.bias_correction import correct_biases
 from fxq.recovery.equalization import equalize
 from fxq.recovery.rounding import optimize_rounding
@@ -130,6 +131,8 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
         quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, choice,
                                               leaves, patterns, timer)
     attach(quantized, summary)
+    # int8 ops dispatch on the global engine: leave it set to the one this model was built and checked for
+    torch.backends.quantized.engine = summary.engine
     return quantized
 
 
@@ -162,10 +165,10 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     with timer.step("calibrate"):
         run_batches(prepared, batches, progress=opts.progress)
     with timer.step("convert"):
-        quantized = engine.convert(prepared, choice)
-        engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()})
+        quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0])
+        engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
     summary = _summary(
-        opts, choice, patterns=[str(p) for p in patterns],
+        opts, choice, engine_fidelity_db=fidelity, patterns=[str(p) for p in patterns],
         rewrites=[f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites],
         float_layers=_float_layers_after(quantized, leaves, keep_float),
         equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded), timings_s=timer.seconds)

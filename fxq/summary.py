@@ -28,6 +28,8 @@ class QuantizationSummary:
     bias_corrected_layers: int = 0
     rounded_layers: int = 0
     observer_choices: dict[str, str] = field(default_factory=dict)
+    # SQNR (dB) of each candidate engine's int8 output against the float simulation, when measured
+    engine_fidelity_db: dict[str, float] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 

@@ -266,12 +266,20 @@ def fake_quantize_weight(weight: torch.Tensor, per_channel: bool = True) -> torc
     return torch.clamp(torch.round(weight / scale.view(shape)), quant_min, quant_max) * scale.view(shape)
 
 
-def install_weights(quantized: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+def install_weights(quantized: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    choice: EngineChoice) -> list[str]:
     """Replace int8 weights of converted modules by given on-grid float values and per-channel scales.
 
     Used for optimized rounding: the engine's convert rounds to nearest; these values were rounded to
-    minimize output error on calibration data, on the same grid. Returns the names installed.
+    minimize output error on calibration data, on the same grid. Weights are packed for the engine the
+    model was converted for (packing under another engine silently runs that engine's kernels).
+    Returns the names installed.
     """
+    with using_engine(choice.engine):
+        return _install_weights(quantized, weights)
+
+
+def _install_weights(quantized: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
     installed = []
     for name, (values, scale) in weights.items():
         try:

@@ -8,6 +8,8 @@ structure section comes from `fxq.summary_of` when fxq built (or saved) the mode
 
 from __future__ import annotations
 
+import copy
+
 import io
 import json
 import math
@@ -232,8 +234,10 @@ def report(float_model: nn.Module, quantized_model: nn.Module, example_inputs: A
         raise ValueError("eval_data is empty; pass at least one batch or leave it None")
     if any(b < 1 for b in batch_sizes):
         raise ValueError(f"batch_sizes={tuple(batch_sizes)} must be positive")
-    float_model.eval()
-    quantized_model.eval()
+    if float_model.training:  # never flip the user's model to eval: measure an eval copy
+        float_model = copy.deepcopy(float_model).eval()
+    if quantized_model.training:
+        quantized_model = copy.deepcopy(quantized_model).eval()
     return Report(size=compare_size(float_model, quantized_model),
                   latency=measure_latency(float_model, quantized_model, example_inputs,
                                           batch_sizes=batch_sizes, threads=threads),
