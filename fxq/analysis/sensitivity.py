@@ -199,38 +199,44 @@ class SensitivityReport:
     def recommend(self, target_sqnr_db: float, *, max_verifications: int = 6) -> list[str]:
         """Layers to keep in float so the int8 model reaches `target_sqnr_db` end to end (on the eval data).
 
-        Layers are taken greedily by solo impact. How many is first predicted from their solo noise powers
-        (noise adds roughly across layers), then checked by `fxq.quantize(..., keep_float=names)` and
-        measured; while the measured SQNR falls short, more layers are added from the ranking. The result
-        and the attempts are kept in `self.recommendation` (with the verified model).
+        Layers are taken greedily by solo impact. How many is predicted from their solo noise powers, then
+        checked by `fxq.quantize(..., keep_float=names)` and measured; while the measured SQNR falls short,
+        more layers are added from the ranking. Solo noises do not simply add up (errors interact, and a
+        float layer still reads int8 inputs), so each new prediction is scaled by how much of the predicted
+        noise the previous attempt actually removed. The result and the attempts are kept in
+        `self.recommendation` (with the verified model).
         """
         if not isinstance(target_sqnr_db, (int, float)) or not 0 < target_sqnr_db < 200:
             raise ConfigError(f"target_sqnr_db={target_sqnr_db!r} must be a positive number of dB")
         if self._inputs is None:
-            raise InputError("this report has no model attached (it was loaded, not measured); "
-                             "run fxq.sensitivity again to get recommendations")
+            raise InputError("this report carries no model and data to quantize again; recommendations need "
+                             "a report returned by fxq.sensitivity")
         if self.end_to_end_sqnr_db >= target_sqnr_db:
             self.recommendation = Recommendation(target_sqnr_db, [], self.end_to_end_sqnr_db, [],
                                                  self.quantized)
             return []
         candidates = [layer for layer in self.ranked() if layer.solo_sqnr_db is not None]
         goal = _noise(target_sqnr_db)
-        count = _layers_to_cover(candidates, _noise(self.end_to_end_sqnr_db) - goal)
+        noise, efficiency, count = _noise(self.end_to_end_sqnr_db), 1.0, 0
         attempts: list[tuple[int, float]] = []
         while True:
-            names = [layer.name for layer in candidates[:count]]
+            added = _layers_to_cover(candidates[count:], (noise - goal) / efficiency)
+            if len(attempts) == max_verifications - 1:
+                added = len(candidates) - count
+            names = [layer.name for layer in candidates[:count + added]]
             model, measured = self._measure_with_float(names)
-            attempts.append((count, measured))
+            attempts.append((len(names), measured))
             if measured >= target_sqnr_db:
                 self.recommendation = Recommendation(target_sqnr_db, names, measured, attempts, model)
                 return names
-            if count >= len(candidates):
+            if len(names) >= len(candidates):
                 raise ConfigError(
-                    f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {count} measured layers in "
-                    f"float the model reaches {measured:.1f} dB (the remaining int8 ops, e.g. adds, and "
+                    f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {len(names)} measured layers "
+                    f"in float the model reaches {measured:.1f} dB (the remaining int8 ops, e.g. adds, and "
                     "untraceable parts limit it); lower the target")
-            more = _layers_to_cover(candidates[count:], _noise(measured) - goal)
-            count = len(candidates) if len(attempts) >= max_verifications - 1 else count + max(1, more)
+            predicted = sum(_noise(layer.solo_sqnr_db) for layer in candidates[count:count + added])
+            efficiency = min(1.0, max(0.05, (noise - _noise(measured)) / predicted)) if predicted > 0 else 1.0
+            noise, count = _noise(measured), len(names)
 
     def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
         inputs = self._inputs
