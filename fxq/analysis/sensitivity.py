@@ -143,7 +143,7 @@ class SensitivityReport:
                  f"{layer.cosine:.5f}", f"{layer.mse:.3g}", f"{layer.max_abs_error:.3g}"]
                 for layer in self.ranked()]
         headers = ["rank", "layer", "op", "pattern", "solo dB", "own dB", "accum dB", "weight dB",
-                   "w range ratio", "activation range", "outlier", "cosine", "mse", "max |err|"]
+                   "w range ratio", "activation range", "outlier", "cosine", "mse", "max abs err"]
         return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
     def _title(self) -> str:
