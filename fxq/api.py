@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import fx, nn
 
+from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
 from fxq.config import Mode, QuantOptions
@@ -61,11 +62,14 @@ def _check_keep_float(model: nn.Module, keep_float: Iterable[Any]) -> None:
 
 
 def _check_float_outputs(work: nn.Module, batches: list[Batch]) -> None:
-    for index, (batch, output) in enumerate(zip(batches, outputs(work, batches))):
-        tensors = [output] if isinstance(output, torch.Tensor) else \
-            [v for v in (output.values() if isinstance(output, dict) else output) if isinstance(v, torch.Tensor)] \
-            if isinstance(output, (dict, tuple, list)) else []
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in tensors):
+    """Every calibration batch must run through the float model and give finite outputs."""
+    for index, batch in enumerate(batches):
+        try:
+            (output,) = outputs(work, [batch])
+        except Exception:  # rerun with hooks to name the module that rejects the batch
+            run_example(work, batch, what=f"calibration batch {index}")
+            raise
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in output_tensors(output)):
             where = first_nonfinite_module(work, batch) or "the model's own forward"
             raise CalibrationError(f"{where}: produces NaN or Inf on calibration batch {index}; fix the "
                                    "model or the data (int8 ranges cannot be computed from non-finite values)")

@@ -66,7 +66,7 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            raise ValueError(f"{path} does not match {spec}: {str(exc).splitlines()[0]}") from None
+            raise ValueError(f"{path} does not match {spec}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
     return model.eval()
 
 

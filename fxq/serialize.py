@@ -36,7 +36,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         scripted = torch.jit.script(model.eval())
     except Exception as exc:  # scripting failures name the offending code
         raise SerializationError(f"{type(model).__name__} cannot be scripted for saving: "
-                                 f"{str(exc).splitlines()[0]}") from exc
+                                 f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     os.close(handle)
     try:
@@ -57,7 +57,7 @@ def load(path: str | os.PathLike) -> torch.jit.ScriptModule:
     try:
         module = torch.jit.load(str(source), map_location="cpu", _extra_files=extra)
     except Exception as exc:
-        raise SerializationError(f"{source} is not a model saved by fxq.save: {str(exc).splitlines()[0]}") from exc
+        raise SerializationError(f"{source} is not a model saved by fxq.save: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
     meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
     engine = meta.get("engine")
     if engine and engine in torch.backends.quantized.supported_engines:

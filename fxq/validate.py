@@ -44,8 +44,8 @@ def as_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
     return example_inputs
 
 
-def run_example(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
-    """Run the model once on the example inputs, naming the innermost module that rejects them."""
+def run_example(model: nn.Module, example_inputs: tuple[Any, ...], what: str = "the example inputs") -> Any:
+    """Run the model once on `example_inputs`, naming the innermost module that rejects them."""
     stack: list[str] = []
     failed: list[str] = []
     handles = []
@@ -70,7 +70,7 @@ def run_example(model: nn.Module, example_inputs: tuple[Any, ...]) -> Any:
         where = failed[-1] if failed else type(model).__name__
         shapes = ", ".join(str(tuple(v.shape)) if isinstance(v, torch.Tensor) else type(v).__name__
                            for v in example_inputs)
-        raise InputError(f"{where}: the model fails on the example inputs ({shapes}): "
+        raise InputError(f"{where}: the model fails on {what} ({shapes}): "
                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; pass inputs "
                          "with the shape and dtype the model expects") from exc
     finally:

@@ -152,8 +152,6 @@ def test_meta_device_model_is_an_input_error():
     assert model.stem.weight.is_meta
 
 
-@pytest.mark.xfail(strict=True, reason="fxq bug: a calibration batch with the example's rank and dtype but another "
-                   "shape fails in _check_float_outputs with a raw RuntimeError, not an InputError naming the module")
 def test_calibration_batch_of_wrong_shape_names_the_module(untouched):
     wrong_channels = [torch.randn(4, 5, 16, 16)]
     with pytest.raises(fxq.InputError, match="stem"):

@@ -20,10 +20,6 @@ class PostponedAnnotations(nn.Module):
         return self.head(self.relu(self.conv(x)).mean((2, 3)))
 
 
-@pytest.mark.xfail(strict=True, raises=fxq.SerializationError,
-                   reason="fxq bug: the traced graph keeps the string annotation 'torch.Tensor' on its placeholder, "
-                          "FX writes it as '_torch_Tensor_' and torch.jit.script rejects it, so fxq.save fails "
-                          "(with an empty reason) for any model whose module uses `from __future__ import annotations`")
 def test_model_with_string_annotations_saves_and_loads(tmp_path):
     torch.manual_seed(0)
     model = PostponedAnnotations().eval()

@@ -91,4 +91,8 @@ def trace_model(model: nn.Module, extra_leaves: set[str] | None = None) -> tuple
             "code into a submodule, or quantize a traceable submodule instead"
         ) from error
     graph = LeafTracer(leaf_names).trace(model)
+    for node in graph.nodes:
+        # Annotations are copied into generated code; a postponed one ('torch.Tensor' as a string under
+        # `from __future__ import annotations`) becomes a name TorchScript cannot resolve when saving.
+        node.type = None
     return fx.GraphModule(model, graph, type(model).__name__), leaves
