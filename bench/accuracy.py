@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import time
 import warnings
 
@@ -21,7 +20,7 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from fxq.report.latency import measure_latency
+from fxq.report.latency import cpu_name, measure_latency
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 
 warnings.filterwarnings("ignore")
@@ -97,7 +96,7 @@ def main() -> None:
 
     headers = ["flow", "logits SQNR dB", "top-1 agreement", "int8/float latency (batch 1)", "quantize s"]
     print(f"\nMobileNetV2 (ImageNet weights), {args.eval} eval crops, 64 calibration crops; CPU: "
-          f"{platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, torch {torch.__version__}")
+          f"{cpu_name()}, threads={torch.get_num_threads()}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers, tablefmt="github" if args.markdown else "simple"))
 
 

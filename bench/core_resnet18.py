@@ -8,12 +8,12 @@ Float and int8 are timed alternately in one run (fxq.report), 2 threads by defau
 from __future__ import annotations
 
 import argparse
-import platform
 
 import torch
 import torchvision
 
 import fxq
+from fxq.report.latency import cpu_name
 from fxq.samples import random_crops
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     quantized = fxq.quantize(model, (example,), calibration_data=calibration)
     result = fxq.report(model, quantized, (example,), eval_data=[random_crops(32, seed=2)],
                         batch_sizes=(1, 32), threads=args.threads)
-    print(f"resnet18 (random init), CPU {platform.processor() or platform.machine()}, threads {args.threads}, "
+    print(f"resnet18 (random init), CPU {cpu_name()}, threads {args.threads}, "
           f"torch {torch.__version__}")
     print(result)
 

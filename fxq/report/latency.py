@@ -83,3 +83,17 @@ def measure_latency(float_model: nn.Module, quantized_model: nn.Module, example_
                                    _quantile_ms(float_times, 0.9), _quantile_ms(int8_times, 0.5),
                                    _quantile_ms(int8_times, 0.9)))
     return rows
+
+
+def cpu_name() -> str:
+    """The CPU's model name (for benchmark headers), or the machine type where it cannot be read."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
