@@ -10,7 +10,6 @@ difference between ~1 dB and a usable model.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -49,10 +48,7 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[Rewrite]:
             fused = fuse_linear_bn_eval(layer, bn)
         else:
             continue
-        replace_module(gm, producer.target, fused)
-        node.replace_all_uses_with(producer)
-        gm.graph.erase_node(node)
-        applied.append(Rewrite("fold_batchnorm", (str(producer.target), str(node.target))))
+        applied.append(_absorb(gm, producer, node, fused, "fold_batchnorm"))
     _recompile(gm)
     return applied
 
@@ -140,12 +136,17 @@ def fuse_clamping_activations(gm: fx.GraphModule) -> list[Rewrite]:
         placeholder_relu = nn.ReLU()
         fused = fused_class(layer, placeholder_relu)
         fused[1] = Clamp(*bounds)  # the container's constructor only admits nn.ReLU; keep the real bound
-        replace_module(gm, producer.target, fused)
-        node.replace_all_uses_with(producer)
-        gm.graph.erase_node(node)
-        applied.append(Rewrite("fuse_clamp", (str(producer.target), str(node.target))))
+        applied.append(_absorb(gm, producer, node, fused, "fuse_clamp"))
     _recompile(gm)
     return applied
+
+
+def _absorb(gm: fx.GraphModule, producer: fx.Node, node: fx.Node, merged: nn.Module, kind: str) -> Rewrite:
+    """Replace `producer`'s module by `merged` (which also computes `node`) and drop `node` from the graph."""
+    replace_module(gm, str(producer.target), merged)
+    node.replace_all_uses_with(producer)
+    gm.graph.erase_node(node)
+    return Rewrite(kind, (str(producer.target), str(node.target) if node.op == "call_module" else node.name))
 
 
 def _recompile(gm: fx.GraphModule) -> None:
@@ -154,4 +155,4 @@ def _recompile(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-__all__ = ["Rewrite", "fold_batchnorm", "fuse_clamping_activations", "clamp_bounds", "Clamp", "operator"]
+__all__ = ["Rewrite", "fold_batchnorm", "fuse_clamping_activations", "clamp_bounds", "Clamp"]
