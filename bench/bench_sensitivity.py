@@ -34,6 +34,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def float_forward_seconds(model: torch.nn.Module, batches: list[torch.Tensor], repeat: int = 3) -> float:
+    """Best of `repeat` timings of the float model over the batches (the unit the analysis costs are in)."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for batch in batches:
+                model(batch)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def parse_option(text: str) -> tuple[str, object]:
     name, _, value = text.partition("=")
     try:
@@ -70,6 +82,10 @@ def main() -> None:
               f"thread); steps (s): {steps}; {len(report.layers)} layers, end-to-end SQNR "
               f"{report.end_to_end_sqnr_db:.1f} dB; load average now {os.getloadavg()[0]:.2f}")
         print(f"  inside quantize (s): {quantize_steps}")
+        forward = float_forward_seconds(model, evaluation)
+        print(f"  one float forward of the eval images now takes {forward:.2f} s: side by side = "
+              f"{report.timings_s['side_by_side'] / forward:.1f} forwards, solo = "
+              f"{report.timings_s['solo'] / forward:.1f} forwards (load-independent cost measures)")
 
 
 if __name__ == "__main__":

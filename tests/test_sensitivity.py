@@ -15,8 +15,9 @@ from torch import nn
 from fxq import samples
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
 from fxq.analysis.sensitivity import SensitivityReport, sensitivity
+from fxq.analysis.shadow import output_tensors
 from fxq.backend.engine import using_engine
-from fxq.errors import ConfigError, InputError, MissingExtraError
+from fxq.errors import ConfigError, FxqError, InputError, MissingExtraError, TraceError
 
 OUTLIER_SCALE = 100.0  # planted weights, in units of the layer's largest ordinary weight
 
@@ -190,14 +191,92 @@ def test_structure_two_inputs_inplace_ops_shared_module_dict_output():
     model = TwoInputs().eval()
     before = {name: value.clone() for name, value in model.state_dict().items()}
     batches = [(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)) for _ in range(3)]
-    report = sensitivity(model, batches[0], calibration_data=batches)
+    # equalize=False: equalization would take the shared module's first call as producer and its second
+    # as consumer of one group, rescaling one weight twice (sensitivity refuses such a reference, see below)
+    report = sensitivity(model, batches[0], calibration_data=batches, equalize=False)
     assert [layer.name for layer in report.layers] == ["a", "b", "shared", "fc"]
     for layer in report.layers:
         assert math.isfinite(layer.own_sqnr_db) and math.isfinite(layer.solo_sqnr_db), layer.name
+    # first layers read the quantized model inputs, exactly as in the int8 model (a's output is then added
+    # to in place: the cached float value must not change)
+    assert report["a"].sqnr_db == pytest.approx(report["a"].own_sqnr_db, abs=1e-6)
+    assert report["b"].sqnr_db == pytest.approx(report["b"].own_sqnr_db, abs=1e-6)
     # the shared module's second call reads the first call's int8 output: its own grid, not the first input's
     assert report["shared"].own_sqnr_db == pytest.approx(report["shared"].sqnr_db, abs=3.0)
     assert model.relu.inplace is True  # the user's model is untouched
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("layer", ["a", "b", "shared"])
+def test_solo_matches_a_full_forward_with_only_that_layer_int8(layer):
+    """The solo runs reuse cached float values; a plain forward of the user's model must agree."""
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    batches = [(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)) for _ in range(2)]
+    report = sensitivity(model, batches[0], calibration_data=batches, equalize=False)
+    int8_layer = report.quantized.get_submodule(layer)
+    grids = iter([])
+
+    def substitute(_module, inputs, _output):
+        scale, zero_point = next(grids)
+        return int8_layer(torch.quantize_per_tensor(inputs[0], scale, zero_point, torch.quint8)).dequantize()
+
+    # each call reads the int8 grid the int8 model feeds it: the layer's input grid, then its own output grid
+    calls = [(report[layer].input_scale, report[layer].input_zero_point),
+             (float(int8_layer.scale), int(int8_layer.zero_point))]
+    stats = ErrorStats()
+    with torch.no_grad(), using_engine(report.engine):
+        for batch in batches:
+            reference = output_tensors(model(*batch))
+            grids = iter(calls)
+            handle = getattr(model, layer).register_forward_hook(substitute)
+            try:
+                perturbed = output_tensors(model(*batch))
+            finally:
+                handle.remove()
+            for expected, actual in zip(reference, perturbed):
+                stats.update(expected, actual)
+    assert report[layer].solo_sqnr_db == pytest.approx(stats.sqnr_db, abs=0.01)
+
+
+class Mutating(nn.Module):
+    """`mode` "lost": an in-place add whose result is unused (FX drops it); "shared": ReLU_ on a tensor that
+    is also returned (it cannot be made out of place without changing the output)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor):
+        u = self.a(x)
+        if self.mode == "lost":
+            u.add_(self.b(x))
+            return u
+        s = u + self.b(x)
+        return s.relu_(), s
+
+
+@pytest.mark.parametrize("mode, error", [("lost", TraceError), ("shared", InputError)])
+def test_graphs_the_shadow_runs_cannot_trust_are_refused(mode, error):
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    with pytest.raises(error, match=r"x\.add_|in-place"):
+        sensitivity(Mutating(mode).eval(), batches[0], calibration_data=batches)
+
+
+def test_a_reference_that_changed_the_function_is_refused(photo_batches, monkeypatch):
+    import fxq.analysis.sensitivity as sensitivity_module
+
+    def broken_equalize(gm, batches):  # an equalization that forgets to compensate in the consumer
+        gm.get_submodule("mid.0")[0].weight.data.mul_(2.0)
+        return []
+
+    monkeypatch.setattr(sensitivity_module, "equalize", broken_equalize)
+    calibration, _ = photo_batches
+    with pytest.raises(FxqError, match="equalization changed the model's outputs"):
+        sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, equalize=True)
 
 
 def test_error_stats_match_known_noise():

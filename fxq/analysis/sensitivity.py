@@ -34,7 +34,7 @@ from fxq.api import quantize
 from fxq.backend.engine import is_weighted_quantized_module, using_engine, weight_qparams
 from fxq.calibration import Batch, materialize
 from fxq.config import Mode, QuantOptions
-from fxq.errors import ConfigError, FxqError, InputError
+from fxq.errors import ConfigError, FxqError, InputError, TraceError
 from fxq.frontend.patterns import find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import trace_model
@@ -285,25 +285,52 @@ def _finite(value: Any) -> Any:
 
 # --- building the float reference ------------------------------------------------------------------
 
+# The reference differs from the model by float rounding only (equalization rescales channels): >100 dB.
+MIN_REFERENCE_SQNR_DB = 60.0
+
 def float_reference(model: nn.Module, example_inputs: Batch, calibration_batches: Sequence[Batch],
                     options: QuantOptions) -> tuple[fx.GraphModule, dict[str, str]]:
     """The float graph `fxq.quantize` quantizes (traced, folded, fused, equalized) and its fused patterns.
 
     This mirrors the float steps of fxq.api._quantize_static in the same order, and repeats the
     equalization pass (it is deterministic given the calibration batches). Returned by fxq.api itself, it
-    would come for free and could not drift; `_check_reference` catches drift meanwhile.
+    would come for free and could not drift; `_check_reference` catches drift meanwhile. Each step must
+    keep the model's function: checked on the example inputs, since every number measured later is
+    relative to this graph.
     """
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(options.seed)
         work = copy.deepcopy(model).eval()
-        run_example(work, example_inputs)
+        expected = output_tensors(run_example(work, example_inputs))
         gm, _leaves = trace_model(work)
         patterns = {found.nodes[0]: found.pattern for found in find_patterns(gm)}
         fold_batchnorm(gm)
         fuse_clamping_activations(gm)
+        _check_function(expected, gm, example_inputs, TraceError(
+            f"{type(model).__name__}: the traced float graph (BatchNorm folded, clamps fused) does not compute "
+            "the model's outputs on the example inputs ({agreement}); an op was lost or changed in tracing, "
+            "e.g. an in-place method whose result is unused (x.add_(y)), which FX drops: write x = x + y"))
         if options.equalize:
             equalize(gm, calibration_batches)
+            _check_function(expected, gm, example_inputs, FxqError(
+                f"{type(model).__name__}: cross-layer equalization changed the model's outputs on the example "
+                "inputs ({agreement}); it should only rescale channels. Pass equalize=False, and please report "
+                "the model to fxq"))
     return gm, patterns
+
+
+def _check_function(expected: list[torch.Tensor], gm: fx.GraphModule, example_inputs: Batch,
+                    error: FxqError) -> None:
+    """Raise `error` (its message's {agreement} filled in) unless `gm` reproduces the expected outputs."""
+    actual = output_tensors(gm(*example_inputs))
+    stats = ErrorStats()
+    if len(expected) == len(actual) and all(e.shape == a.shape for e, a in zip(expected, actual)):
+        for e, a in zip(expected, actual):
+            stats.update(e, a)
+        if stats.sqnr_db >= MIN_REFERENCE_SQNR_DB:
+            return
+    agreement = f"SQNR {_db(stats.sqnr_db)} dB" if stats.count else "outputs of other shapes"
+    raise type(error)(str(error).replace("{agreement}", agreement))
 
 
 def _float_weight(pair: LayerPair) -> torch.Tensor | None:
@@ -407,7 +434,11 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
 
     start = time.perf_counter()
     reference, patterns = float_reference(model, example_inputs, calibration_batches, options)
-    remove_inplace_ops(reference)
+    unsafe = remove_inplace_ops(reference)
+    if unsafe:
+        raise InputError(f"{', '.join(unsafe)}: in-place op(s) overwrite a tensor that other ops also read; "
+                         "fxq.sensitivity reuses cached float values and cannot run them. Write them out of "
+                         "place (y = x.relu() instead of x.relu_(), ReLU(inplace=False))")
     pairs = pair_layers(reference, quantized)
     _check_reference(pairs, options.per_channel_weights)
     timings["float_reference"] = round(time.perf_counter() - start, 3)

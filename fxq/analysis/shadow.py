@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxq.analysis.metrics import ActivationStats, ErrorStats
@@ -76,25 +77,53 @@ def pair_layers(float_gm: fx.GraphModule, quantized: fx.GraphModule) -> list[Lay
     return list(pairs.values())
 
 
-# In-place ops would overwrite values the solo runs reuse; their out-of-place twins compute the same.
+# In-place ops would overwrite values the solo runs reuse; their out-of-place twins take the same arguments.
 _OUT_OF_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
-                           operator.imul: operator.mul, operator.itruediv: operator.truediv}
+                           operator.imul: operator.mul, operator.itruediv: operator.truediv,
+                           torch.relu_: torch.relu, F.relu_: F.relu, torch.sigmoid_: torch.sigmoid,
+                           torch.tanh_: torch.tanh, F.hardtanh_: F.hardtanh, F.leaky_relu_: F.leaky_relu}
+_OUT_OF_PLACE_METHODS = {name + "_": name for name in (
+    "add", "sub", "mul", "div", "relu", "clamp", "clip", "clamp_min", "clamp_max", "sigmoid", "tanh", "neg",
+    "abs", "pow", "exp", "sqrt", "masked_fill")}
 
 
-def remove_inplace_ops(gm: fx.GraphModule) -> None:
-    """Make every op of a float graph out of place (same function; the graph is edited in place)."""
-    for module in gm.modules():
-        if getattr(module, "inplace", False) is True:
-            module.inplace = False
+def _only_reader(node: fx.Node) -> bool:
+    """True when the tensor an in-place op overwrites (its first input) is read by nothing else."""
+    first = node.args[0] if node.args else None
+    return isinstance(first, fx.Node) and len(first.users) == 1
+
+
+def remove_inplace_ops(gm: fx.GraphModule) -> list[str]:
+    """Make in-place ops out of place where that keeps the function: the overwritten tensor has no other reader.
+
+    Returns the in-place ops that could not be changed (their input is read elsewhere too), by node name.
+    """
+    modules = dict(gm.named_modules())
+    module_calls: dict[str, list[fx.Node]] = {}
+    unsafe = []
     for node in gm.graph.nodes:
-        if node.op == "call_function":
-            node.target = _OUT_OF_PLACE_FUNCTIONS.get(node.target, node.target)
-            if node.kwargs.get("inplace") is True:
+        if node.op == "call_module" and getattr(modules[str(node.target)], "inplace", False) is True:
+            module_calls.setdefault(str(node.target), []).append(node)
+        elif node.op == "call_function" and (node.target in _OUT_OF_PLACE_FUNCTIONS
+                                             or node.kwargs.get("inplace") is True):
+            if not _only_reader(node):
+                unsafe.append(node.name)
+            elif node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
-        elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
-                and hasattr(torch.Tensor, node.target[:-1]):
-            node.target = node.target[:-1]
+            else:
+                node.target = _OUT_OF_PLACE_FUNCTIONS[node.target]
+        elif node.op == "call_method" and node.target in _OUT_OF_PLACE_METHODS:
+            if _only_reader(node):
+                node.target = _OUT_OF_PLACE_METHODS[node.target]
+            else:
+                unsafe.append(node.name)
+    for name, nodes in module_calls.items():
+        if all(_only_reader(node) for node in nodes):
+            modules[name].inplace = False
+        else:
+            unsafe.extend(node.name for node in nodes if not _only_reader(node))
     gm.recompile()
+    return unsafe
 
 
 def output_tensors(value: Any) -> list[torch.Tensor]:
