@@ -1,7 +1,7 @@
 """Time fxq.sensitivity on ImageNet MobileNetV2 (52 convs + classifier) with 32 calibration and 32 eval images.
 
-    python bench/bench_sensitivity.py [--images 32] [--batch 8] [--repeat 1] [-- quantize options, e.g.
-                                      --option optimize_rounding=False]
+    python bench/bench_sensitivity.py [--images 32] [--batch 8] [--repeat 1] [--threads N]
+                                      [--option NAME=VALUE, a quantize option, e.g. optimize_rounding=False]
 
 Prints the machine (CPU model, torch threads, load), the wall time and CPU time of each step, and the
 end-to-end SQNR, so runs on other machines or commits can be compared. The CPU time is shown because a
@@ -13,25 +13,14 @@ from __future__ import annotations
 import argparse
 import ast
 import os
-import platform
 import time
 
 import torch
 
 from fxq import samples
 from fxq.analysis.sensitivity import sensitivity
+from fxq.report.latency import cpu_name
 from fxq.summary import summary_of
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def float_forward_seconds(model: torch.nn.Module, batches: list[torch.Tensor], repeat: int = 3) -> float:
@@ -60,10 +49,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--option", action="append", default=[], help="quantize option NAME=VALUE")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's). On a shared machine 1 thread gives stable "
+                             "numbers: busy-waiting OpenMP threads of competing processes can slow 2-thread "
+                             "runs by 10x and more")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     options = dict(parse_option(text) for text in args.option)
 
-    print(f"cpu: {cpu_model()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
+    print(f"cpu: {cpu_name()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
           f"torch.get_num_threads()={torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
     model = samples.pretrained_mobilenet_v2()
     calibration = list(samples.random_crops(args.images, seed=1).split(args.batch))

@@ -9,25 +9,13 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import fxq
+from qat_digits import DigitsNet, accuracy, train_epoch
 from helpers import assert_state_unchanged, state_snapshot
 
 FLOAT_EPOCHS = 6
 QAT_EPOCHS = 3  # ranges and BatchNorm statistics frozen in the last one
 MIN_FLOAT_ACCURACY = 0.95
 MAX_ACCURACY_DROP = 0.01
-
-
-class DigitsNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
-        )
-        self.classifier = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +26,6 @@ def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.25, random_state=0,
                                                         stratify=labels)
     return train_x, train_y, test_x, test_y
-
-
-def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator, batch_size: int = 32) -> None:
-    model.train()
-    order = torch.randperm(len(images), generator=generator)
-    for start in range(0, len(images), batch_size):
-        index = order[start:start + batch_size]
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
-        optimizer.step()
-
-
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(images).argmax(1) == labels).float().mean())
 
 
 def test_qat_int8_accuracy_within_one_point_of_float(digits):
