@@ -4,8 +4,10 @@
                                       [--option NAME=VALUE, a quantize option, e.g. optimize_rounding=False]
 
 Prints the machine (CPU model, torch threads, load), the wall time and CPU time of each step, and the
-end-to-end SQNR, so runs on other machines or commits can be compared. The CPU time is shown because a
-shared machine's wall time depends on what else runs: CPU seconds / threads approximates an idle machine.
+end-to-end SQNR, so runs on other machines or commits can be compared. On a machine shared with other
+jobs, run with OMP_WAIT_POLICY=PASSIVE (or --threads 1): OpenMP threads that busy-wait at every barrier
+while a competing process holds the other core make 2-thread runs 5-10x slower (measured: 242 s instead
+of 28 s for this benchmark at load average 3.5).
 """
 
 from __future__ import annotations
@@ -49,17 +51,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--option", action="append", default=[], help="quantize option NAME=VALUE")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (default: torch's). On a shared machine 1 thread gives stable "
-                             "numbers: busy-waiting OpenMP threads of competing processes can slow 2-thread "
-                             "runs by 10x and more")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     options = dict(parse_option(text) for text in args.option)
 
     print(f"cpu: {cpu_name()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
-          f"torch.get_num_threads()={torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+          f"torch.get_num_threads()={torch.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {os.getloadavg()[0]:.2f}")
     model = samples.pretrained_mobilenet_v2()
     calibration = list(samples.random_crops(args.images, seed=1).split(args.batch))
     evaluation = list(samples.random_crops(args.images, seed=2).split(args.batch))
