@@ -202,8 +202,8 @@ class SensitivityReport:
         Layers are taken greedily by solo impact. How many is predicted from their solo noise powers, then
         checked by `fxq.quantize(..., keep_float=names)` and measured; while the measured SQNR falls short,
         more layers are added from the ranking. Solo noises do not simply add up (errors interact, and a
-        float layer still reads int8 inputs), so each new prediction is scaled by how much of the predicted
-        noise the previous attempt actually removed. The result and the attempts are kept in
+        float layer still reads int8 inputs), so each new prediction is scaled by the share of the chosen
+        layers' solo noise that keeping them in float actually removed. The result and the attempts are kept in
         `self.recommendation` (with the verified model).
         """
         if not isinstance(target_sqnr_db, (int, float)) or not 0 < target_sqnr_db < 200:
@@ -216,8 +216,8 @@ class SensitivityReport:
                                                  self.quantized)
             return []
         candidates = [layer for layer in self.ranked() if layer.solo_sqnr_db is not None]
-        goal = _noise(target_sqnr_db)
-        noise, efficiency, count = _noise(self.end_to_end_sqnr_db), 1.0, 0
+        goal, all_int8 = _noise(target_sqnr_db), _noise(self.end_to_end_sqnr_db)
+        noise, efficiency, count = all_int8, 1.0, 0
         attempts: list[tuple[int, float]] = []
         while True:
             added = _layers_to_cover(candidates[count:], (noise - goal) / efficiency)
@@ -234,8 +234,9 @@ class SensitivityReport:
                     f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {len(names)} measured layers "
                     f"in float the model reaches {measured:.1f} dB (the remaining int8 ops, e.g. adds, and "
                     "untraceable parts limit it); lower the target")
-            predicted = sum(_noise(layer.solo_sqnr_db) for layer in candidates[count:count + added])
-            efficiency = min(1.0, max(0.05, (noise - _noise(measured)) / predicted)) if predicted > 0 else 1.0
+            # over all layers taken so far: one attempt's measurement is noisy (ranges are recalibrated)
+            predicted = sum(_noise(layer.solo_sqnr_db) for layer in candidates[:len(names)])
+            efficiency = min(1.0, max(0.05, (all_int8 - _noise(measured)) / predicted)) if predicted > 0 else 1.0
             noise, count = _noise(measured), len(names)
 
     def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
