@@ -16,7 +16,7 @@ from fxq import samples
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
 from fxq.analysis.sensitivity import SensitivityReport, sensitivity
 from fxq.analysis.shadow import output_tensors
-from fxq.backend.engine import using_engine
+from fxq.backend.engine import is_quantized_module, using_engine
 from fxq.errors import ConfigError, FxqError, InputError, MissingExtraError, TraceError
 
 OUTLIER_SCALE = 100.0  # planted weights, in units of the layer's largest ordinary weight
@@ -137,7 +137,7 @@ def test_recommend_keeps_the_planted_layer_in_float_and_verifies(planted_report)
     assert recommendation.verified_sqnr_db >= target
     assert recommendation.keep_float == names
     int8_names = {name for name, module in recommendation.model.named_modules()
-                  if type(module).__module__.startswith("torch.ao.nn.intrinsic.quantized")}
+                  if is_quantized_module(module)}
     assert "mid.0" not in int8_names and "stem.0" in int8_names
     assert planted_report.recommend(planted_report.end_to_end_sqnr_db - 1.0) == []
     with pytest.raises(ConfigError, match="target_sqnr_db"):
