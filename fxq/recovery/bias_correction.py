@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from fxq.backend.engine import fake_quantize_weight
 from fxq.calibration import Batch
-from fxq.recovery.layers import run_with_hooks, weighted_nodes
+from fxq.recovery.layers import non_channel_dims, run_with_hooks, weighted_nodes
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def correct_biases(gm: fx.GraphModule, batches: Sequence[Batch], per_channel: bo
     def record(name: str, x: torch.Tensor, _output: torch.Tensor) -> None:
         layer = layers[name]
         shift = _weight_error_output(layer, x, errors[name])
-        dims = [d for d in range(shift.dim()) if d != (1 if shift.dim() > 2 else shift.dim() - 1)]
+        dims = non_channel_dims(shift)
         sums[name] = sums.get(name, 0) + shift.sum(dim=dims)
         counts[name] = counts.get(name, 0) + shift.numel() // shift.shape[1 if shift.dim() > 2 else -1]
 

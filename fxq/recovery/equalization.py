@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxq.calibration import Batch
 from fxq.frontend.graph import get_module
-from fxq.recovery.layers import channel_axis_shape, unwrap
+from fxq.recovery.layers import channel_axis_shape, is_depthwise, non_channel_dims, unwrap
 
 MIN_SCALE = 1e-3
 _ADDS = (operator.add, torch.add)
@@ -43,13 +43,8 @@ class EqualizedGroup:
     range_spread_after: float
 
 
-def _is_depthwise(layer: nn.Module) -> bool:
-    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.groups > 1 \
-        and layer.groups == layer.in_channels and layer.weight.shape[1] == 1
-
-
 def _scalable_consumer(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Linear) or layer.groups == 1 or _is_depthwise(layer)
+    return isinstance(layer, nn.Linear) or layer.groups == 1 or is_depthwise(layer)
 
 
 def _is_stream_op(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -134,8 +129,7 @@ def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch], nodes: set[fx.
         def run_node(self, node: fx.Node):
             result = super().run_node(node)
             if node in nodes and isinstance(result, torch.Tensor):
-                axis = 1 if result.dim() > 2 else result.dim() - 1
-                peak = result.detach().abs().amax(dim=[d for d in range(result.dim()) if d != axis])
+                peak = result.detach().abs().amax(dim=non_channel_dims(result))
                 ranges[node] = torch.maximum(ranges[node], peak) if node in ranges else peak
             return result
 
@@ -157,7 +151,7 @@ def _column_ranges(consumer: nn.Module) -> torch.Tensor:
 def _scales(activation_range: torch.Tensor, consumers: list[nn.Module]) -> torch.Tensor:
     peak = activation_range.max().clamp_min(1e-12)
     relative_act = activation_range / peak
-    dense = [layer for layer in consumers if not _is_depthwise(layer)]
+    dense = [layer for layer in consumers if not is_depthwise(layer)]
     if not dense:
         scales = relative_act
     else:
@@ -195,7 +189,7 @@ def equalize(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[EqualizedGrou
             if clamp is not None and clamp.bounded:
                 clamp.set_high(clamp.high / scales.view(channel_axis_shape(producer, scales.numel())))
         for consumer in consumers:
-            if _is_depthwise(consumer):
+            if is_depthwise(consumer):
                 consumer.weight.mul_(scales.view((-1,) + (1,) * (consumer.weight.dim() - 1)))
             else:
                 consumer.weight.mul_(scales.view((1, -1) + (1,) * (consumer.weight.dim() - 2)))

@@ -31,6 +31,18 @@ def weighted_nodes(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, nn.Module, Cla
             yield node, layer, clamp
 
 
+def is_depthwise(layer: nn.Module) -> bool:
+    """A conv with one input channel per group and as many groups as input channels."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.groups > 1 \
+        and layer.groups == layer.in_channels and layer.weight.shape[1] == 1
+
+
+def non_channel_dims(output: torch.Tensor) -> list[int]:
+    """Dimensions to reduce for per-channel statistics: all but dim 1 of conv outputs, the last of linear."""
+    axis = 1 if output.dim() > 2 else output.dim() - 1
+    return [d for d in range(output.dim()) if d != axis]
+
+
 def channel_axis_shape(layer: nn.Module, channels: int) -> tuple[int, ...]:
     """Shape that broadcasts a per-output-channel vector over this layer's output."""
     if isinstance(layer, nn.Linear):

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from fxq.backend.engine import weight_qparams
 from fxq.calibration import Batch
-from fxq.recovery.layers import run_with_hooks, weighted_nodes
+from fxq.recovery.layers import is_depthwise, run_with_hooks, weighted_nodes
 
 DAMPING = 0.01
 PATCH_IMAGES_PER_BATCH = 4
@@ -39,11 +39,6 @@ class RoundedWeight:
     quant_max: int
 
 
-def _is_depthwise(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.groups == layer.in_channels \
-        and layer.weight.shape[1] == 1
-
-
 def _columns(layer: nn.Module) -> int:
     return layer.weight[0].numel()
 
@@ -56,7 +51,7 @@ def supports(layer: nn.Module) -> bool:
         return False
     if isinstance(layer, nn.Linear):
         return True
-    return isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and (layer.groups == 1 or _is_depthwise(layer))
+    return isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and (layer.groups == 1 or is_depthwise(layer))
 
 
 def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +65,7 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         x = x[:PATCH_IMAGES_PER_BATCH]
         columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [N, C*k, L]
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)
-    if _is_depthwise(layer):
+    if is_depthwise(layer):
         taps = layer.kernel_size[0] * layer.kernel_size[1]
         return columns.reshape(layer.in_channels, taps, -1)
     return columns.unsqueeze(0)
@@ -134,7 +129,7 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], per_channel:
         weight = layer.weight.detach()
         scale, quant_min, quant_max = weight_qparams(weight, per_channel)
         rows = scale if scale.numel() > 1 else scale.expand(weight.shape[0])
-        if _is_depthwise(layer):
+        if is_depthwise(layer):
             grouped = weight.reshape(weight.shape[0], 1, -1)
             row_scale = rows.reshape(-1, 1)
         else:
