@@ -110,3 +110,40 @@ def test_optimized_rounding_beats_nearest(folded, batches, eval_crops, mobilenet
         reference = mobilenet(eval_crops)
         nearest_db, optimized_db = _sqnr(reference, nearest(eval_crops)), _sqnr(reference, optimized(eval_crops))
     assert optimized_db > nearest_db + 6, (nearest_db, optimized_db)
+
+
+def test_equalized_clamps_that_are_reached_share_the_top_of_the_range(folded, batches):
+    """An int8 conv+ReLU kernel clips only at the tensor's range: every channel that reaches its ReLU6
+    must have its rescaled ceiling at the top, or int8 lets through what float clips."""
+    gm = copy.deepcopy(folded[0])
+    producer = gm.get_submodule("features.1.conv.0.0")  # depthwise + ReLU6 -> dense 1x1 projection
+    captured = []
+    hook = producer.register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    with torch.no_grad():
+        for batch in batches:
+            gm(*batch)
+    reached_before = torch.stack([(o >= 6.0 * 0.999).flatten(2).any(2).any(0) for o in captured]).any(0)
+    assert reached_before.sum() >= 2  # several channels saturate on real photographs
+    captured.clear()
+    equalize(gm, batches)
+    with torch.no_grad():
+        for batch in batches:
+            gm(*batch)
+    hook.remove()
+    ceiling = producer[1].high.flatten()
+    peak = torch.stack([o.amax(dim=(0, 2, 3)) for o in captured]).amax(0)
+    assert ceiling.numel() == peak.numel() and ceiling.unique().numel() > 1  # the equalization did rescale
+    top = peak.max()
+    assert torch.allclose(ceiling[reached_before], top.expand(int(reached_before.sum())), rtol=1e-4)
+    assert (peak <= ceiling[reached_before].min() * (1 + 1e-4)).all()  # no channel reaches beyond it
+
+
+def test_layers_kept_float_by_an_enclosing_name_get_no_recovery(folded, batches):
+    gm = copy.deepcopy(folded[0])
+    biases = {name: gm.get_submodule(name)[0].bias.detach().clone() for name in ("features.1.conv.0.0",)}
+    rounded = optimize_rounding(gm, batches, skip=["features.1", torch.nn.Linear])
+    corrections = correct_biases(gm, batches, skip=["features.1", torch.nn.Linear])
+    assert not any(name.startswith("features.1.") or name == "classifier.1" for name in rounded)
+    assert not any(c.layer.startswith("features.1.") or c.layer == "classifier.1" for c in corrections)
+    assert "features.2.conv.0.0" in rounded and any(c.layer == "features.2.conv.0.0" for c in corrections)
+    assert torch.equal(gm.get_submodule("features.1.conv.0.0")[0].bias, biases["features.1.conv.0.0"])

@@ -8,7 +8,7 @@ shift is subtracted from the layer's bias before quantization, so the int8 layer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,14 @@ def _weight_error_output(layer: nn.Module, x: torch.Tensor, weight_error: torch.
 
 @torch.no_grad()
 def correct_biases(gm: fx.GraphModule, batches: Sequence[Batch], per_channel: bool = True,
-                   skip: set[str] = frozenset(),
+                   skip: Iterable[str | type] = (),
                    quantized_weights: dict[str, torch.Tensor] | None = None) -> list[BiasCorrection]:
     """Subtract the calibration-mean output shift caused by weight rounding from each layer's bias.
 
     `quantized_weights` gives the int8 weights (as on-grid floats) where they are not simply the nearest
     rounding, e.g. after optimized rounding.
     """
-    layers = {str(node.target): layer for node, layer, _ in weighted_nodes(gm) if str(node.target) not in skip}
+    layers = {str(node.target): layer for node, layer, _ in weighted_nodes(gm, skip)}
     quantized_weights = quantized_weights or {}
     errors = {name: quantized_weights.get(name, fake_quantize_weight(layer.weight.detach(), per_channel))
               - layer.weight.detach() for name, layer in layers.items()}

@@ -12,6 +12,13 @@ fxq quantizes weights per channel and activations per tensor, so the scaling is 
 rows and costs only on the consumers' columns. Depthwise consumers absorb s_i entirely and the
 activations are fully equalized; with dense consumers, s_i balances each channel's activation range
 against its weight column range relative to the row maximum (their geometric mean).
+
+One constraint comes from the int8 kernels: a fused conv+ReLU kernel clips only at the tensor's
+quantization range, never at a per-channel ceiling. A channel that reaches its clamp (ReLU6 saturating
+on calibration data) must therefore have its rescaled ceiling at the top of the tensor's range, or the
+int8 model lets through values the float model clips (on ImageNet MobileNetV2 that left the int8 model
+at 21.7 dB from its own float simulation). Saturating channels share one scale, and the other channels
+are kept below that common ceiling.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from fxq.frontend.graph import get_module
 from fxq.recovery.layers import channel_axis_shape, is_depthwise, non_channel_dims, unwrap
 
 MIN_SCALE = 1e-3
+# A channel whose calibrated maximum is this close to its clamp's ceiling counts as reaching it.
+SATURATION = 0.999
 _ADDS = (operator.add, torch.add)
 _RELUS = (F.relu, torch.relu)
 
@@ -148,18 +157,45 @@ def _column_ranges(consumer: nn.Module) -> torch.Tensor:
     return relative.amax(dim=0)
 
 
-def _scales(activation_range: torch.Tensor, consumers: list[nn.Module]) -> torch.Tensor:
+def _scales(activation_range: torch.Tensor, consumers: list[nn.Module],
+            ceiling: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-channel s_i (activation channel i is divided by it). `ceiling`: the producers' clamp per channel."""
     peak = activation_range.max().clamp_min(1e-12)
     relative_act = activation_range / peak
     dense = [layer for layer in consumers if not is_depthwise(layer)]
     if not dense:
-        scales = relative_act
+        scales = relative_act  # every channel's range becomes the peak, so a reached clamp sits at the top
     else:
         columns = torch.stack([_column_ranges(layer) for layer in dense]).amax(0)
         scales = torch.sqrt(relative_act / columns.clamp_min(1e-12))
+        if ceiling is not None:
+            scales = _keep_reached_ceilings_on_top(scales, activation_range, ceiling)
         scales = scales / scales.max().clamp_min(1e-12)
     dead = activation_range <= 1e-8 * peak
     return torch.where(dead, torch.ones_like(scales), scales.clamp_min(MIN_SCALE))
+
+
+def _keep_reached_ceilings_on_top(scales: torch.Tensor, activation_range: torch.Tensor,
+                                  ceiling: torch.Tensor) -> torch.Tensor:
+    """Give channels that reach their clamp one common scale and keep every other channel below it."""
+    reached = torch.isfinite(ceiling) & (activation_range >= SATURATION * ceiling)
+    if not reached.any():
+        return scales
+    common = torch.exp(torch.log(scales[reached].clamp_min(1e-12)).mean())
+    scales = torch.where(reached, common, scales)
+    top = (ceiling[reached] / common).min()  # the rescaled ceiling shared by the reached channels
+    return torch.maximum(scales, activation_range / top)
+
+
+def _ceiling(gm: fx.GraphModule, producers: list[fx.Node], channels: int) -> torch.Tensor | None:
+    """Lowest clamp ceiling per channel over the group's producers (None when none is clamped)."""
+    ceilings = []
+    for node in producers:
+        _, clamp = unwrap(get_module(gm, node))
+        if clamp is not None and clamp.bounded:
+            ceilings.append(clamp.high.detach().flatten().expand(channels) if clamp.high.numel() in (1, channels)
+                            else clamp.high.detach().flatten())
+    return torch.stack(ceilings).amin(0) if ceilings else None
 
 
 def _spread(values: torch.Tensor) -> float:
@@ -180,7 +216,7 @@ def equalize(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[EqualizedGrou
             continue
         activation_range = torch.stack([ranges[node] for node in group.tensors]).amax(0)
         consumers = [unwrap(get_module(gm, node))[0] for node in group.consumers]
-        scales = _scales(activation_range, consumers)
+        scales = _scales(activation_range, consumers, _ceiling(gm, group.producers, activation_range.numel()))
         for node in group.producers:
             producer, clamp = unwrap(get_module(gm, node))
             producer.weight.div_(scales.view((-1,) + (1,) * (producer.weight.dim() - 1)))

@@ -14,7 +14,7 @@ values computed here are installed into the converted int8 modules unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -107,13 +107,12 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Ten
 
 @torch.no_grad()
 def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], per_channel: bool = True,
-                      skip: set[str] = frozenset()) -> dict[str, RoundedWeight]:
+                      skip: Iterable[str | type] = ()) -> dict[str, RoundedWeight]:
     """Error-compensated int8 weights for every supported layer, keyed by module name.
 
     The float model is not changed: the result goes to bias correction and into the int8 modules.
     """
-    layers = {str(node.target): layer for node, layer, _ in weighted_nodes(gm)
-              if supports(layer) and str(node.target) not in skip}
+    layers = {str(node.target): layer for node, layer, _ in weighted_nodes(gm, skip) if supports(layer)}
     moments: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor, _output: torch.Tensor) -> None:
