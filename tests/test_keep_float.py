@@ -1,0 +1,50 @@
+"""keep_float keeps everything a named module computes in float, its functional ops (adds) included."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxq
+from fxq.backend.engine import is_quantized_module
+from helpers import sqnr
+
+
+class Merge(nn.Module):
+    """A module with no layers of its own: only its functional add can be kept in float."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 8, 1)
+        self.merge = Merge()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        return self.head(self.merge(self.left(x), self.right(x)) + x)
+
+
+def _int8_adds(model: nn.Module) -> int:
+    return sum(1 for node in model.graph.nodes
+               if node.op == "call_function" and "quantized" in str(node.target) and "add" in str(node.target))
+
+
+def test_a_module_kept_float_keeps_its_functional_ops_float():
+    torch.manual_seed(0)
+    model = Net().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    all_int8 = fxq.quantize(model, (batches[0][:1],), calibration_data=batches)
+    kept = fxq.quantize(model, (batches[0][:1],), calibration_data=batches, keep_float=["merge"])
+    assert _int8_adds(all_int8) == 2
+    assert _int8_adds(kept) == 1  # the top-level add stays int8
+    assert all(is_quantized_module(kept.get_submodule(name)) for name in ("stem", "left", "right", "head"))
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert sqnr(model(x), kept(x)) > 25
