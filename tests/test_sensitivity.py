@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -14,7 +15,7 @@ from torch import nn
 
 from fxq import samples
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
-from fxq.analysis.sensitivity import SensitivityReport, sensitivity
+from fxq.analysis.sensitivity import SensitivityReport, float_units, sensitivity
 from fxq.analysis.shadow import output_tensors
 from fxq.backend.engine import is_quantized_module, using_engine
 from fxq.errors import ConfigError, FxqError, InputError, MissingExtraError, TraceError
@@ -350,3 +351,20 @@ def test_report_repr_names_layers(mobilenet_report):
     assert "53 layers" in repr(report)
     with pytest.raises(KeyError, match="no quantized layer"):
         report["features.99"]
+
+
+def test_float_units_group_layers_into_blocks_ranked_by_noise(planted_report):
+    base = planted_report.layers[0]
+
+    def row(name: str, solo_db: float):
+        return dataclasses.replace(base, name=name, solo_sqnr_db=solo_db)
+
+    layers = [row("features.0.0", 20.0), row("features.1.conv.0.0", 25.0), row("features.1.conv.1", 30.0),
+              row("features.2.conv.0.0", 40.0), row("features.2.conv.1.0", 40.0), row("features.2.conv.2", 40.0),
+              row("classifier.1", 35.0)] + [row(f"features.3.{i}", 50.0) for i in range(5)]
+    units = float_units(layers)
+    # blocks of 2..4 layers become units; lone layers and a 5-layer module stay layers
+    assert [unit.name for unit in units] == ["features.0.0", "features.1", "classifier.1", "features.2"] + \
+        [f"features.3.{i}" for i in range(5)]
+    assert units[1].layers == ("features.1.conv.0.0", "features.1.conv.1")
+    assert units[1].noise == pytest.approx(10 ** -2.5 + 10 ** -3.0)

@@ -77,7 +77,7 @@ class Recommendation:
     target_sqnr_db: float
     keep_float: list[str]
     verified_sqnr_db: float
-    attempts: list[tuple[int, float]] = field(default_factory=list)  # (layers in float, measured SQNR)
+    attempts: list[tuple[int, float]] = field(default_factory=list)  # (units in float, measured SQNR)
     model: nn.Module | None = field(default=None, repr=False)  # the verified mixed-precision model
 
     def to_dict(self) -> dict[str, Any]:
@@ -196,14 +196,17 @@ class SensitivityReport:
 
         return plot_sensitivity(self, path)
 
-    def recommend(self, target_sqnr_db: float, *, max_verifications: int = 6) -> list[str]:
+    def recommend(self, target_sqnr_db: float, *, max_verifications: int = 7) -> list[str]:
         """Layers to keep in float so the int8 model reaches `target_sqnr_db` end to end (on the eval data).
 
-        Layers are taken greedily by solo impact. How many is predicted from their solo noise powers, then
+        Layers are taken greedily by solo impact, a block at a time (see `float_units`): a layer kept in
+        float alone still reads a quantized input and writes a quantized output, so most of the
+        activation error stays. How many is predicted from their solo noise powers, then
         checked by `fxq.quantize(..., keep_float=names)` and measured; while the measured SQNR falls short,
-        more layers are added from the ranking. Solo noises do not simply add up (errors interact, and a
+        more blocks are added from the ranking. Solo noises do not simply add up (errors interact, and a
         float layer still reads int8 inputs), so each new prediction is scaled by the share of the chosen
-        layers' solo noise that keeping them in float actually removed. The result and the attempts are kept in
+        layers' solo noise that keeping them in float actually removed; an overshoot is then narrowed by
+        bisection. The result and the attempts are kept in
         `self.recommendation` (with the verified model).
         """
         if not isinstance(target_sqnr_db, (int, float)) or not 0 < target_sqnr_db < 200:
@@ -215,29 +218,41 @@ class SensitivityReport:
             self.recommendation = Recommendation(target_sqnr_db, [], self.end_to_end_sqnr_db, [],
                                                  self.quantized)
             return []
-        candidates = [layer for layer in self.ranked() if layer.solo_sqnr_db is not None]
+        candidates = float_units([layer for layer in self.layers if layer.solo_sqnr_db is not None])
         goal, all_int8 = _noise(target_sqnr_db), _noise(self.end_to_end_sqnr_db)
         noise, efficiency, count = all_int8, 1.0, 0
         attempts: list[tuple[int, float]] = []
-        while True:
-            added = _layers_to_cover(candidates[count:], (noise - goal) / efficiency)
+        while True:  # grow the set of float units until the target is met
+            added = _units_to_cover(candidates[count:], (noise - goal) / efficiency)
             if len(attempts) == max_verifications - 1:
                 added = len(candidates) - count
-            names = [layer.name for layer in candidates[:count + added]]
+            names = [unit.name for unit in candidates[:count + added]]
             model, measured = self._measure_with_float(names)
             attempts.append((len(names), measured))
             if measured >= target_sqnr_db:
-                self.recommendation = Recommendation(target_sqnr_db, names, measured, attempts, model)
-                return names
+                break
             if len(names) >= len(candidates):
                 raise ConfigError(
                     f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {len(names)} measured layers "
-                    f"in float the model reaches {measured:.1f} dB (the remaining int8 ops, e.g. adds, and "
+                    f"or blocks in float the model reaches {measured:.1f} dB (the remaining int8 ops and "
                     "untraceable parts limit it); lower the target")
-            # over all layers taken so far: one attempt's measurement is noisy (ranges are recalibrated)
-            predicted = sum(_noise(layer.solo_sqnr_db) for layer in candidates[:len(names)])
+            # over all units taken so far: one attempt's measurement is noisy (ranges are recalibrated)
+            predicted = sum(unit.noise for unit in candidates[:len(names)])
             efficiency = min(1.0, max(0.05, (all_int8 - _noise(measured)) / predicted)) if predicted > 0 else 1.0
             noise, count = _noise(measured), len(names)
+        # the last step may have overshot: bisect between the last count that fell short and the one that met it
+        low, high = count, len(names)
+        while high - low > 1 and len(attempts) < max_verifications:
+            middle = (low + high) // 2
+            trial_model, trial = self._measure_with_float([unit.name for unit in candidates[:middle]])
+            attempts.append((middle, trial))
+            if trial >= target_sqnr_db:
+                high, model, measured = middle, trial_model, trial
+            else:
+                low = middle
+        names = [unit.name for unit in candidates[:high]]
+        self.recommendation = Recommendation(target_sqnr_db, names, measured, attempts, model)
+        return names
 
     def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
         inputs = self._inputs
@@ -259,11 +274,47 @@ def _noise(db: float) -> float:
     return 10.0 ** (-db / 10.0)
 
 
-def _layers_to_cover(ranked: Sequence[LayerSensitivity], noise_to_remove: float) -> int:
-    """How many of the ranked layers' solo noise powers add up to `noise_to_remove` (at least one)."""
+# A block kept in float as one unit holds at most this many quantized layers (an inverted residual, a
+# ResNet bottleneck with its downsample); larger modules are stages, too coarse to keep whole.
+MAX_UNIT_LAYERS = 4
+
+
+@dataclass(frozen=True)
+class FloatUnit:
+    """A module `recommend` keeps in float as a whole, with the solo noise of the layers inside it."""
+
+    name: str
+    layers: tuple[str, ...]
+    noise: float  # sum of the layers' solo noise powers (relative to the output's power)
+
+
+def float_units(layers: Sequence[LayerSensitivity]) -> list[FloatUnit]:
+    """Group layers into the largest enclosing modules of 2..MAX_UNIT_LAYERS quantized layers, by impact.
+
+    Keeping a whole block float also keeps float the activations between its layers and its residual
+    add; a layer without such a block is its own unit. Units are ranked by summed solo noise, largest first.
+    """
+    names = [layer.name for layer in layers]
+
+    def inside(prefix: str) -> int:
+        return sum(1 for name in names if name.startswith(prefix + "."))
+
+    members: dict[str, list[LayerSensitivity]] = {}
+    for layer in layers:
+        parts = layer.name.split(".")
+        prefixes = (".".join(parts[:end]) for end in range(1, len(parts)))
+        unit = next((prefix for prefix in prefixes if 2 <= inside(prefix) <= MAX_UNIT_LAYERS), layer.name)
+        members.setdefault(unit, []).append(layer)
+    units = [FloatUnit(name, tuple(layer.name for layer in group), sum(_noise(l.solo_sqnr_db) for l in group))
+             for name, group in members.items()]
+    return sorted(units, key=lambda unit: -unit.noise)
+
+
+def _units_to_cover(ranked: Sequence[FloatUnit], noise_to_remove: float) -> int:
+    """How many of the ranked units' solo noise powers add up to `noise_to_remove` (at least one)."""
     removed = 0.0
-    for count, layer in enumerate(ranked, start=1):
-        removed += _noise(layer.solo_sqnr_db)
+    for count, unit in enumerate(ranked, start=1):
+        removed += unit.noise
         if removed >= noise_to_remove:
             return count
     return max(1, len(ranked))

@@ -25,9 +25,14 @@ def quantize_to_target(model: nn.Module, example_inputs: Batch, batches: Sequenc
     quantized = recommendation.model
     summary = summary_of(quantized)
     solo = {layer.name: layer.solo_sqnr_db for layer in report.layers}
-    summary.float_layers = [
-        (name, f"mixed precision: solo SQNR {solo[name]:.1f} dB" if name in kept and solo.get(name) is not None
-         else why) for name, why in summary.float_layers]
+
+    def reason(name: str, why: str) -> str:
+        unit = next((k for k in kept if name == k or name.startswith(k + ".")), None)
+        if unit is None or solo.get(name) is None:
+            return why
+        return f"mixed precision: solo SQNR {solo[name]:.1f} dB" + (f" (block {unit})" if unit != name else "")
+
+    summary.float_layers = [(name, reason(name, why)) for name, why in summary.float_layers]
     summary.options["target_sqnr_db"] = target_sqnr_db
     summary.notes.append(
         f"target_sqnr_db={target_sqnr_db:g}: all-int8 model measured {report.end_to_end_sqnr_db:.1f} dB; "
