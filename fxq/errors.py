@@ -23,6 +23,31 @@ class BackendError(FxqError):
     """The quantization engine rejected the model or the backend is unavailable on this CPU."""
 
 
+class UnsupportedBackendError(BackendError, ConfigError):
+    """The backend is a valid name, but this CPU or PyTorch build cannot run its int8 kernels.
+
+    Both a BackendError (the engine is unavailable) and a ConfigError (the user's `backend=` option cannot
+    be honoured here), so either `except` clause catches it.
+    """
+
+    def __init__(self, backend: str, supported: list[str], machine: str) -> None:
+        self.backend, self.supported, self.machine = backend, list(supported), machine
+        choices = " or ".join(f"backend='{name}'" for name in supported)
+        if not supported:
+            advice = ("this PyTorch build has no int8 engine on this CPU; install an official CPU build of torch "
+                      "(it ships x86/fbgemm, onednn and qnnpack)")
+        elif backend == "auto":
+            advice = f"none of them is one backend='auto' picks on this CPU; pass {choices}"
+        else:
+            advice = f"pass backend='auto' (picks the best engine supported here) or {choices}"
+        super().__init__(f"backend='{backend}' is not supported on this CPU ({machine}): "
+                         f"torch.backends.quantized.supported_engines lists "
+                         f"{', '.join(supported) if supported else 'none'}; {advice}")
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses a process boundary (DataLoader, DDP)
+        return type(self), (self.backend, self.supported, self.machine)
+
+
 class CalibrationError(FxqError):
     """Calibration data produced unusable values (empty, non-finite, mis-shaped)."""
 

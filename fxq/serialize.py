@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fxq.backend.engine import available_engines, using_engine
 from fxq.errors import SerializationError
 from fxq.summary import QuantizationSummary, attach, summary_of
 
@@ -48,20 +51,46 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return target
 
 
+def _read_meta(source: Path) -> dict:
+    """fxq's metadata from a saved file, read before the model is (TorchScript files are zip archives)."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            names = [n for n in archive.namelist() if n.split("/", 1)[-1] == f"extra/{META_FILE}"]
+            return json.loads(archive.read(names[0])) if names else {}
+    except (zipfile.BadZipFile, json.JSONDecodeError, OSError) as exc:
+        raise SerializationError(f"{source} is not a model saved by fxq.save: {exc}") from exc
+
+
 def load(path: str | os.PathLike) -> torch.jit.ScriptModule:
-    """Load a model saved by `fxq.save`; sets the int8 engine it was built for."""
+    """Load a model saved by `fxq.save` under the int8 engine it was built for, and leave that engine set.
+
+    The engine must be current while loading, not only when running: loading packs the int8 weights for
+    the current engine, and weights packed for another engine give different outputs (measured: a model
+    built for x86 and loaded under qnnpack differs by up to 4e-3). If this CPU does not support the
+    file's engine, the model is loaded under the current one, with a warning and a note in its summary.
+    """
     source = Path(path)
     if not source.is_file():
         raise SerializationError(f"no saved model at {source}")
-    extra = {META_FILE: ""}
+    meta = _read_meta(source)
+    engine = meta.get("engine") or torch.backends.quantized.engine
+    note = None
+    if engine not in available_engines():
+        note = (f"built for the '{engine}' int8 engine, which this CPU does not support (supported: "
+                f"{', '.join(available_engines()) or 'none'}); it runs on '{torch.backends.quantized.engine}' "
+                "and its outputs may differ from those measured when it was quantized; re-quantize on this "
+                "machine for a faithful model")
+        warnings.warn(f"{source}: {note}", RuntimeWarning, stacklevel=2)
+        engine = torch.backends.quantized.engine
     try:
-        module = torch.jit.load(str(source), map_location="cpu", _extra_files=extra)
+        with using_engine(engine):
+            module = torch.jit.load(str(source), map_location="cpu")
     except Exception as exc:
         raise SerializationError(f"{source} is not a model saved by fxq.save: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
-    meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
-    engine = meta.get("engine")
-    if engine and engine in torch.backends.quantized.supported_engines:
-        torch.backends.quantized.engine = engine
+    torch.backends.quantized.engine = engine
     if meta.get("summary"):
-        attach(module, QuantizationSummary(**meta["summary"]))
+        summary = QuantizationSummary(**meta["summary"])
+        if note:
+            summary.notes.append(note)
+        attach(module, summary)
     return module

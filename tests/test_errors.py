@@ -5,13 +5,15 @@ annotations (see test_serialize.py), and the save tests below need a model that 
 """
 
 import os
+import platform
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import fxq
-from helpers import assert_state_unchanged, state_snapshot
+from helpers import assert_state_unchanged, sqnr, state_snapshot
 
 
 class SmallNet(nn.Module):
@@ -216,3 +218,77 @@ def test_load_of_a_non_model_file(tmp_path):
         fxq.load(junk)
     with pytest.raises(fxq.SerializationError):
         fxq.load(tmp_path / "absent.pt")
+
+
+# --- a backend this CPU cannot run ---------------------------------------------------------------------
+
+@pytest.fixture
+def cpu_supports(monkeypatch):
+    """Call with engine names to make torch report only those as supported on this CPU, for one test.
+
+    torch.backends.quantized.supported_engines is a read-only property on the module's class; the class
+    attribute is what gets replaced, so fxq reads the pretended list exactly where it reads the real one.
+    """
+    def pretend(*engines: str) -> None:
+        monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", list(engines))
+    return pretend
+
+
+@pytest.mark.parametrize("entry", ["quantize", "prepare_qat"])
+def test_backend_this_cpu_does_not_support(untouched, cpu_supports, entry):
+    cpu_supports("qnnpack", "onednn")
+    with pytest.raises(fxq.ConfigError) as caught:
+        if entry == "quantize":
+            fxq.quantize(untouched, images(1), calibration_data=batches(), backend="fbgemm")
+        else:
+            fxq.prepare_qat(untouched, images(1), backend="fbgemm")
+    assert isinstance(caught.value, fxq.BackendError)
+    message = str(caught.value)
+    assert "backend='fbgemm'" in message and "not supported on this CPU" in message
+    assert "lists qnnpack, onednn" in message
+    assert "backend='auto'" in message and "backend='qnnpack' or backend='onednn'" in message
+
+
+def test_build_without_any_int8_engine(untouched, cpu_supports):
+    cpu_supports("none")
+    with pytest.raises(fxq.BackendError, match="lists none; this PyTorch build has no int8 engine"):
+        fxq.quantize(untouched, images(1), calibration_data=batches())
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 engine preference")
+def test_auto_backend_uses_a_supported_engine_and_says_why(untouched, cpu_supports):
+    cpu_supports("qnnpack", "onednn")  # an x86 CPU without AVX2: no x86/fbgemm kernels
+    quantized = fxq.quantize(untouched, images(1), calibration_data=batches(), optimize_rounding=False)
+    summary = fxq.summary_of(quantized)
+    assert summary.engine == "onednn"
+    assert "x86 not supported here" in summary.engine_reason
+    with torch.no_grad():
+        assert sqnr(untouched(images(4, seed=7)), quantized(images(4, seed=7))) > 25
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 engine preference")
+def test_auto_backend_without_a_preferred_engine_names_the_ones_to_pass(untouched, cpu_supports):
+    cpu_supports("qnnpack")
+    with pytest.raises(fxq.ConfigError, match="backend='auto' is not supported.*pass backend='qnnpack'"):
+        fxq.quantize(untouched, images(1), calibration_data=batches())
+
+
+def test_loading_a_model_built_for_an_engine_this_cpu_lacks(untouched, cpu_supports, tmp_path):
+    quantized = fxq.quantize(untouched, images(1), calibration_data=batches(), optimize_rounding=False,
+                             backend="x86")
+    path = fxq.save(quantized, tmp_path / "model.pt")
+    cpu_supports("qnnpack")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = fxq.load(path)
+        assert any(issubclass(w.category, RuntimeWarning) and "built for the 'x86' int8 engine, which this CPU "
+                   "does not support" in str(w.message) for w in caught)
+        assert torch.backends.quantized.engine == "qnnpack"
+        assert any("re-quantize on this machine" in note for note in fxq.summary_of(loaded).notes)
+        with torch.no_grad():  # still runs, on qnnpack kernels: close to, not equal to, the x86 outputs
+            assert sqnr(quantized(images(4, seed=7)), loaded(images(4, seed=7))) > 25
+    finally:
+        torch.backends.quantized.engine = previous

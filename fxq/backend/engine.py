@@ -24,7 +24,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 
 from fxq.backend.observers import MSEObserver, PercentileObserver
 from fxq.config import Backend, Observer, QuantOptions
-from fxq.errors import BackendError
+from fxq.errors import UnsupportedBackendError
 
 # torch.ao prints a deprecation notice on every prepare/convert; fxq pins the version and says so once.
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
@@ -47,6 +47,7 @@ class EngineChoice:
 
 
 def available_engines() -> list[str]:
+    """Int8 engines this CPU and PyTorch build can run, read live (fbgemm and x86 need AVX2, for one)."""
     return [e for e in torch.backends.quantized.supported_engines if e != "none"]
 
 
@@ -79,18 +80,29 @@ def probe_kernel_saturation(engine: str) -> bool:
 
 
 def select_engine(options: QuantOptions) -> EngineChoice:
-    """Resolve `backend="auto"` and the activation range for this CPU, checking the engine exists."""
+    """Resolve `backend="auto"` and the activation range for this CPU, checking the engine exists.
+
+    A backend the user names must be supported here (else UnsupportedBackendError, before any work);
+    "auto" takes the first supported engine in this CPU family's order of preference and records why.
+    """
     available = available_engines()
     machine = platform.machine().lower()
     if options.backend is Backend.AUTO:
-        engine = "qnnpack" if machine in ("arm64", "aarch64") or machine.startswith("arm") else "x86"
+        arm = machine in ("arm64", "aarch64") or machine.startswith("arm")
+        # x86 dispatches per op to fbgemm or onednn. On x86 CPUs auto stays within the engines that
+        # kernel_choice compares; any other supported engine must be named (the error says which).
+        preference = ("qnnpack", "onednn") if arm else ("x86", "onednn")
+        engine = next((name for name in preference if name in available), None)
+        if engine is None:
+            raise UnsupportedBackendError("auto", available, machine)
         why = f"auto: {machine} CPU"
+        if engine != preference[0]:
+            why += f" ({preference[0]} not supported here; supported: {', '.join(available)})"
     else:
         engine = options.backend.value
         why = "requested"
-    if engine not in available:
-        raise BackendError(f"backend '{engine}' is not available in this PyTorch build on this CPU "
-                           f"({machine}); available: {', '.join(available)}")
+        if engine not in available:
+            raise UnsupportedBackendError(engine, available, machine)
     saturates = probe_kernel_saturation(engine) if engine != "qnnpack" else False
     if options.reduce_range is not None:
         reduce_range = options.reduce_range
