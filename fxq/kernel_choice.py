@@ -34,7 +34,7 @@ TOLERANCE_DB = 1.0
 def candidate_engines(options: QuantOptions, choice: engine.EngineChoice) -> list[str]:
     if options.backend is not Backend.AUTO or platform.machine().lower() not in ("x86_64", "amd64", "i686"):
         return [choice.engine]
-    return [name for name in X86_CANDIDATES if name in engine.available_engines()]
+    return [name for name in X86_CANDIDATES if name in engine.available_engines()] or [choice.engine]
 
 
 def _fidelity_db(reference_outputs: list, model: nn.Module, batch: Batch, engine_name: str) -> float:

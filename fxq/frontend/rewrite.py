@@ -33,6 +33,9 @@ class Rewrite:
 
 def fold_batchnorm(gm: fx.GraphModule) -> list[Rewrite]:
     """Fold eval-mode BatchNorm modules that directly follow a conv or linear into its weights."""
+    # a call whose result is never used would make the conv look shared and block the fold; torch.ao's
+    # prepare would then fold the BN itself, behind the back of the recovery passes
+    gm.graph.eliminate_dead_code()
     applied = []
     for node in list(gm.graph.nodes):
         bn = get_module(gm, node)

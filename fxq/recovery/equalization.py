@@ -95,6 +95,10 @@ def _validate(gm: fx.GraphModule, component: set[fx.Node]) -> _Group | None:
     producers = [n for n in component if unwrap(get_module(gm, n))[0] is not None]
     if not producers:
         return None
+    # an add's other input (the model input, a pool, a cat) joins the component as a plain node: its
+    # channels cannot be rescaled, so neither can the group's
+    if any(node not in producers and not _is_stream_op(gm, node) for node in component):
+        return None
     for node in component:  # stream ops must be fed only from inside the group
         if _is_stream_op(gm, node) and any(src not in component for src in node.all_input_nodes):
             return None
