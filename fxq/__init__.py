@@ -11,7 +11,7 @@ from fxq.calibration import inputs_only
 from fxq.config import QuantOptions
 from fxq.report import Report, report
 from fxq.errors import (BackendError, CalibrationError, ConfigError, FxqError, InputError, MissingExtraError,
-                        SerializationError, TraceError)
+                        SerializationError, TraceError, UnsupportedBackendError)
 from fxq.serialize import load, save
 from fxq.summary import QuantizationSummary, summary_of
 
@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "quantize", "prepare_qat", "convert", "freeze_observers", "freeze_bn_stats", "inspect", "Inspection",
-    "sensitivity", "SensitivityReport", "report", "Report", "inputs_only", "save", "load", "summary_of", "QuantizationSummary", "QuantOptions",
-    "FxqError", "ConfigError", "InputError", "TraceError", "BackendError", "CalibrationError",
-    "SerializationError", "MissingExtraError",
+    "sensitivity", "SensitivityReport", "report", "Report", "inputs_only", "save", "load", "summary_of",
+    "QuantizationSummary", "QuantOptions",
+    "FxqError", "ConfigError", "InputError", "TraceError", "BackendError", "UnsupportedBackendError",
+    "CalibrationError", "SerializationError", "MissingExtraError",
 ]
