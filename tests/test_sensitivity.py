@@ -19,6 +19,7 @@ from fxq.analysis.sensitivity import SensitivityReport, float_units, sensitivity
 from fxq.analysis.shadow import output_tensors
 from fxq.backend.engine import is_quantized_module, using_engine
 from fxq.errors import ConfigError, FxqError, InputError, MissingExtraError, TraceError
+from fxq.summary import summary_of
 
 OUTLIER_SCALE = 100.0  # planted weights, in units of the layer's largest ordinary weight
 
@@ -368,3 +369,30 @@ def test_float_units_group_layers_into_blocks_ranked_by_noise(planted_report):
         [f"features.3.{i}" for i in range(5)]
     assert units[1].layers == ("features.1.conv.0.0", "features.1.conv.1")
     assert units[1].noise == pytest.approx(10 ** -2.5 + 10 ** -3.0)
+
+
+def test_metric_target_keeps_the_planted_layer_float(photo_batches, planted_report):
+    from fxq.recovery.mixed_precision import quantize_to_metric
+
+    calibration, evaluation = photo_batches
+    model = planted_model()
+    with torch.no_grad():
+        references = [model(batch) for batch in evaluation]
+
+    def negative_noise(candidate: nn.Module) -> float:  # higher is better; the float model scores 0
+        with torch.no_grad():
+            noise = sum(float((reference - candidate(batch)).pow(2).sum()) for reference, batch in
+                        zip(references, evaluation))
+        return -noise / sum(float(reference.pow(2).sum()) for reference in references)
+
+    max_drop = 10 ** (-(planted_report.end_to_end_sqnr_db + 10.0) / 10)
+    quantized = quantize_to_metric(model, (calibration[0][:1],), [(b,) for b in calibration], negative_noise,
+                                   max_drop, {"equalize": False})
+    assert -negative_noise(quantized) <= max_drop
+    summary = summary_of(quantized)
+    kept = [name for name, why in summary.float_layers if "eval_fn" in why]
+    assert kept and all(name.startswith("mid.0") for name in kept)  # the fused container's conv
+    assert any(note.startswith("eval_fn: float ") and "1 block(s)" in note for note in summary.notes), summary.notes
+    with pytest.raises(ConfigError, match="max_drop"):  # only the user's own float model scores well
+        quantize_to_metric(model, (calibration[0][:1],), [(b,) for b in calibration],
+                           lambda m: 0.0 if isinstance(m, Planted) else -1.0, 0.5, {"equalize": False})
