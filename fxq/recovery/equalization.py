@@ -41,6 +41,7 @@ MIN_SCALE = 1e-3
 SATURATION = 0.999
 _ADDS = (operator.add, torch.add)
 _RELUS = (F.relu, torch.relu)
+_MAX_POOLS = (F.max_pool1d, F.max_pool2d, F.max_pool3d)
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,13 @@ def _scalable_consumer(layer: nn.Module) -> bool:
 
 
 def _is_stream_op(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Nodes a channel scaling passes through unchanged: add and ReLU."""
+    """Nodes a positive channel scaling passes through unchanged: add, ReLU and max pooling (a ResNet's
+    stem reaches its first residual stream through a max-pool)."""
     if node.op == "call_function":
-        return node.target in _ADDS or node.target in _RELUS
+        return node.target in _ADDS or node.target in _RELUS or node.target in _MAX_POOLS
     if node.op == "call_method":
         return node.target in ("add", "relu")
-    return isinstance(get_module(gm, node), nn.ReLU)
+    return isinstance(get_module(gm, node), (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))
 
 
 @dataclass
