@@ -25,14 +25,12 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fxq
-from qat_digits import DigitsNet, accuracy
+from qat_digits import DigitsNet, accuracy, digits_split
 
 FLOAT_EPOCHS = 6
 QAT_EPOCHS = 3
@@ -41,13 +39,9 @@ LOADER_WORKERS = 2
 MAX_ACCURACY_DROP = 0.02
 
 
-def digits_split() -> tuple[TensorDataset, TensorDataset]:
-    """The same stratified 75/25 split of the 8x8 digits (scaled to [0, 1]) that qat_digits.py uses."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.25, random_state=0,
-                                                        stratify=labels)
+def digits_datasets() -> tuple[TensorDataset, TensorDataset]:
+    """qat_digits.py's train and test split, as datasets for DataLoaders."""
+    train_x, train_y, test_x, test_y = digits_split()
     return TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)
 
 
@@ -95,7 +89,7 @@ def ranks_agree(model: nn.Module) -> bool:
 def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    train_set, test_set = digits_split()
+    train_set, test_set = digits_datasets()
     loader, sampler = train_loader(train_set)
     train_x, test_x, test_y = train_set.tensors[0], *test_set.tensors
 

@@ -45,12 +45,18 @@ def accuracy(model, images, labels) -> float:
         return float((model(images).argmax(1) == labels).float().mean())
 
 
-def main() -> None:
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, test_x, test_y): a stratified 75/25 split of the 8x8 digits, scaled to [0, 1]."""
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target)
+    labels = torch.tensor(digits.target, dtype=torch.long)
     train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.25, random_state=0,
                                                         stratify=labels)
+    return train_x, train_y, test_x, test_y
+
+
+def main() -> None:
+    train_x, train_y, test_x, test_y = digits_split()
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = DigitsNet()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 import fxq
-from qat_digits import DigitsNet, accuracy, train_epoch
+from qat_digits import DigitsNet, accuracy, digits_split, train_epoch
 from helpers import assert_state_unchanged, state_snapshot
 
 FLOAT_EPOCHS = 6
@@ -20,12 +18,7 @@ MAX_ACCURACY_DROP = 0.01
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(data.target, dtype=torch.long)
-    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.25, random_state=0,
-                                                        stratify=labels)
-    return train_x, train_y, test_x, test_y
+    return digits_split()
 
 
 def test_qat_int8_accuracy_within_one_point_of_float(digits):
