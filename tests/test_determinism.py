@@ -23,52 +23,14 @@ from torch import nn
 
 import fxq
 from fxq.backend.engine import available_engines, is_weighted_quantized_module
-from helpers import sqnr
+from helpers import differing_entries, photo_batches, small_mobilenet, sqnr
 
-PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
 # Measured with the default pipeline on this model and these crops: 24.6 dB (seed 0 and seed 7 alike).
 SQNR_FLOOR_DB = 20.0
 
 
-def small_mobilenet(mobilenet: nn.Module) -> nn.Module:
-    """MobileNetV2's stem and first four inverted residual blocks (two with a skip), plus a linear head."""
-    torch.manual_seed(0)
-    return nn.Sequential(*mobilenet.features[:5], nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
-
-
-def photo_batches() -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Two calibration batches of 8 and one evaluation batch of 8 photographic 64x64 crops."""
-    from fxq.samples import random_crops
-
-    return list(random_crops(16, seed=1, size=64).split(8)), random_crops(8, seed=2, size=64)
-
-
 def quantize(model: nn.Module, calibration: list[torch.Tensor], **options) -> nn.Module:
     return fxq.quantize(model, calibration[0][:1], calibration_data=calibration, **options)
-
-
-def same_value(a, b) -> bool:
-    """Bit equality of state_dict values: quantized tensors by int8 values and quantization parameters."""
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
-    if not isinstance(a, torch.Tensor):
-        return a == b
-    if not isinstance(b, torch.Tensor) or a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if not a.is_quantized:
-        return torch.equal(a, b)
-    if a.qscheme() != b.qscheme() or not torch.equal(a.int_repr(), b.int_repr()):
-        return False
-    if a.qscheme() in PER_CHANNEL:
-        return (a.q_per_channel_axis() == b.q_per_channel_axis()
-                and torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
-                and torch.equal(a.q_per_channel_zero_points(), b.q_per_channel_zero_points()))
-    return a.q_scale() == b.q_scale() and a.q_zero_point() == b.q_zero_point()
-
-
-def differing_entries(first: dict, second: dict) -> list[str]:
-    assert first.keys() == second.keys()
-    return [name for name in first if not same_value(first[name], second[name])]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxq
 from fxq.backend.engine import is_weighted_quantized_module
-from test_determinism import differing_entries, photo_batches, small_mobilenet
+from helpers import differing_entries, photo_batches, small_mobilenet
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qat_ddp.py"
 MIN_FLOAT_ACCURACY = 0.95
