@@ -55,6 +55,11 @@ FXQ_FLOWS = {
     "fxq: + bias correction": dict(optimize_rounding=False),
     "fxq default (+ optimized rounding)": dict(),
 }
+# accuracy-targeted mixed precision: blocks kept in float are chosen on the calibration crops
+MIXED_FLOWS = {
+    "fxq target_sqnr_db=20 (mixed precision)": dict(target_sqnr_db=20.0),
+    "fxq target_sqnr_db=30 (mixed precision)": dict(target_sqnr_db=30.0),
+}
 
 
 def main() -> None:
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision rows (minutes each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -73,7 +79,7 @@ def main() -> None:
     example = evaluation[:1]
 
     flows = {"PyTorch FX default (x86 qconfig mapping)": lambda: native_fx(model, calibration)}
-    for name, options in FXQ_FLOWS.items():
+    for name, options in {**FXQ_FLOWS, **({} if args.no_mixed else MIXED_FLOWS)}.items():
         flows[name] = lambda options=options: fxq.quantize(model, (example,), calibration_data=calibration, **options)
 
     rows = []
@@ -84,7 +90,9 @@ def main() -> None:
         with torch.no_grad():
             logits = torch.cat([quantized(chunk) for chunk in evaluation.split(32)])
         agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
-        rows.append([name, f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%",
+        float_layers = sum(1 for _, why in fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
+        rows.append([name + (f", {float_layers} layers float" if float_layers else ""),
+                     f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%",
                      f"{batch1_latency_ratio(model, quantized, example):.2f}", f"{seconds:.1f}"])
         print(rows[-1], flush=True)
 
