@@ -19,15 +19,20 @@ from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
 from fxq.config import Mode, QuantOptions
-from fxq.errors import CalibrationError, ConfigError, InputError
+from fxq.errors import CalibrationError, ConfigError, FxqError, InputError, TraceError
+from fxq.frontend.decompose import decompose_attention
+from fxq.frontend.graph import replace_module, restore_output_type
+from fxq.frontend.identities import remove_eval_identities
+from fxq.frontend.inplace import InplaceRewrite, check_state_kept, remove_inplace_ops, state_versions
+from fxq.frontend.islands import IslandPlan, find_float_islands, keep_islands_float
 from fxq.frontend.patterns import FoundPattern, find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
-from fxq.frontend.trace import FloatLeaf, trace_model
+from fxq.frontend.trace import FloatLeaf, find_regions, trace_model
 from fxq.kernel_choice import convert_on_most_faithful_engine
 from fxq.recovery.bias_correction import correct_biases
 from fxq.recovery.equalization import equalize
 from fxq.recovery.rounding import optimize_rounding
-from fxq.summary import QuantizationSummary, attach
+from fxq.summary import QuantizationSummary, attach, summary_of
 from fxq.validate import as_example_inputs, check_model, run_example
 
 
@@ -75,15 +80,91 @@ def _check_float_outputs(work: nn.Module, batches: list[Batch]) -> None:
                                    "model or the data (int8 ranges cannot be computed from non-finite values)")
 
 
-def _float_layers_after(quantized: nn.Module, leaves: list[FloatLeaf],
-                        keep_float: Iterable[Any]) -> list[tuple[str, str]]:
-    listed = [(leaf.module, f"untraceable: {leaf.reason}") for leaf in leaves]
-    covered = {name for name, _ in listed}
-    for name, module in quantized.named_modules():
-        if isinstance(module, engine.WEIGHT_TYPES) and not any(name == c or name.startswith(c + ".") for c in covered):
-            why = "keep_float" if any(name == k or name.startswith(f"{k}.") if isinstance(k, str)
-                                      else isinstance(module, k) for k in keep_float) else "no int8 pattern"
-            listed.append((name, why))
+def _float_layers_after(quantized: nn.Module, around: list[FloatLeaf], keep_float: Iterable[Any],
+                        plan: IslandPlan | None = None) -> list[tuple[str, str]]:
+    """Every conv/linear call of the int8 model that runs in float, with the reason (`around`: the
+    untraceable modules, innermost reason wins)."""
+    island_reasons = {node: island.reason for island in (plan.islands if plan else ()) for node in island.nodes}
+    modules = dict(quantized.named_modules())
+    listed = []
+    for name in engine.weighted_layers(quantized).float:
+        enclosing = [leaf for leaf in around if _within(name, leaf.module)]
+        module = modules.get(name)
+        if enclosing:
+            why = f"untraceable: {max(enclosing, key=lambda leaf: len(leaf.module)).reason}"
+        elif any(_within(name, k) if isinstance(k, str) else isinstance(module, k) for k in keep_float):
+            why = "keep_float"
+        else:  # a module of its own, an op inside an outlined island, or the conv of a fused container
+            why = island_reasons.get(name) or island_reasons.get(name.rpartition(".")[2]) \
+                or island_reasons.get(name.rpartition(".")[0]) or "no int8 pattern"
+        listed.append((name, why))
+    return listed
+
+
+def _open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf],
+             example_inputs: Batch) -> tuple[fx.GraphModule, list[FloatLeaf], list[str]]:
+    """After tracing: open up attention blocks that hide their linear layers (re-tracing), make in-place
+    ops out of place (torch.ao's convert would drop those whose result is unused) and drop eval-mode
+    no-ops. Returns the graph, the float leaves and the rewrites done, described."""
+    if work.training:  # QAT: a forward would update BatchNorm statistics; attention stays as it is
+        return gm, leaves, [_describe_inplace(r) for r in remove_inplace_ops(gm)]
+    with torch.no_grad():
+        expected = output_tensors(work(*example_inputs))
+
+    def same_outputs() -> bool:
+        with torch.no_grad():
+            actual = output_tensors(work(*example_inputs))
+        return len(actual) == len(expected) and all(
+            a.shape == e.shape and torch.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected))
+
+    decomposed = decompose_attention(work, gm, example_inputs, same_outputs)
+    if decomposed:
+        gm, leaves = trace_model(work)
+    rewrites = [f"decompose: {d.module} ({d.kind})" for d in decomposed]
+    rewrites += [_describe_inplace(r) for r in remove_inplace_ops(gm)]
+    removed = remove_eval_identities(gm)
+    if removed:
+        rewrites.append(f"drop_eval_identity: {len(removed)} ops that return their input in eval mode "
+                        f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+    return gm, leaves, rewrites
+
+
+def _trace(work: nn.Module, example_inputs: Batch) -> tuple[fx.GraphModule, list[FloatLeaf], list[str]]:
+    gm, leaves = trace_model(work)
+    return _open_up(work, gm, leaves, example_inputs)
+
+
+def _float_module_names(gm: fx.GraphModule, keep_float: Iterable[Any], leaves: list[FloatLeaf]) -> list[str]:
+    """Names of the modules of `gm` that stay float whatever the cost model says."""
+    names = [leaf.module for leaf in leaves]
+    for name, module in gm.named_modules():
+        if name and any(name == k or name.startswith(f"{k}.") if isinstance(k, str) else isinstance(module, k)
+                        for k in keep_float):
+            names.append(name)
+    return names
+
+
+def _float_ops(gm: fx.GraphModule, plan: IslandPlan | None, leaves: list[FloatLeaf]) -> list[tuple[str, str]]:
+    """Ops of the traced float graph that run in float in the int8 model, grouped by kind, with why
+    (untraceable leaves are listed with the float layers)."""
+    leaf_names = {leaf.module for leaf in leaves}
+    no_kernel: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target) in leaf_names:
+            continue
+        if node.op in ("call_function", "call_method", "call_module") and not engine.quantizes_op(gm, node) \
+                and not engine.is_shape_op(gm, node):
+            kind = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" \
+                else f".{node.target}()" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+            no_kernel.setdefault(kind, []).append(str(node.target) if node.op == "call_module" else node.name)
+    listed = []
+    for kind, nodes in no_kernel.items():
+        shown = ", ".join(nodes[:3]) + (f", ... ({len(nodes)} in all)" if len(nodes) > 3 else "")
+        listed.append((f"{kind}: {shown}", "no int8 kernel in torch.ao: runs in float between dequantize and quantize"))
+    for island in plan.islands if plan else ():
+        ops = ", ".join(dict.fromkeys(island.ops))
+        shown = ", ".join(island.nodes[:3]) + (f", ... ({len(island.nodes)} in all)" if len(island.nodes) > 3 else "")
+        listed.append((f"{ops}: {shown}", island.reason))
     return listed
 
 
@@ -112,16 +193,33 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
     timer = _Timer()
     with _seeded(opts.seed), engine.using_engine(choice.engine):
         work = copy.deepcopy(model).eval()
+        versions = state_versions(work)
         run_example(work, example_inputs)
+        check_state_kept(work, versions)
         with timer.step("trace"):
-            gm, leaves = trace_model(work)
-            patterns = find_patterns(gm)
+            try:
+                gm, leaves = trace_model(work)
+            except TraceError as error:
+                if opts.mode is not Mode.STATIC or opts.target_sqnr_db is not None:
+                    raise
+                quantized, summary = _quantize_regions(work, example_inputs, calibration_data, opts, options,
+                                                       error, timer)
+                gm = None
+            if gm is not None:
+                gm, leaves, traced_rewrites = _open_up(work, gm, leaves, example_inputs)
+                patterns = find_patterns(gm)
+        if gm is None:
+            attach(quantized, summary)
+            torch.backends.quantized.engine = summary.engine
+            return quantized
         non_traceable = [leaf.module for leaf in leaves]
         if opts.mode is Mode.DYNAMIC:
             with timer.step("convert"):
                 prepared = engine.prepare_dynamic(gm, example_inputs, opts, choice, non_traceable)
                 quantized = engine.convert(prepared, choice)
+                restore_output_type(quantized, run_example(work, example_inputs))
             attach(quantized, _summary(opts, choice, patterns=[str(p) for p in patterns],
+                                       rewrites=traced_rewrites,
                                        float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
                                        timings_s=timer.seconds))
             return quantized
@@ -132,18 +230,23 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
             options.pop("target_sqnr_db")
             return quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db,
                                       dict(options, mode=mode, backend=backend))
-        quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, choice,
-                                              leaves, patterns, timer)
+        quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, options, choice,
+                                              leaves, patterns, timer, traced_rewrites)
     attach(quantized, summary)
     # int8 ops dispatch on the global engine: leave it set to the one this model was built and checked for
     torch.backends.quantized.engine = summary.engine
     return quantized
 
 
+def _describe_inplace(rewrite: InplaceRewrite) -> str:
+    return f"out_of_place: {rewrite.node} ({rewrite.op}; {rewrite.rewired_readers} later reader(s) rewired)"
+
+
 def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
-                     calibration_data: Iterable[Any] | None, opts: QuantOptions, choice: engine.EngineChoice,
-                     leaves: list[FloatLeaf], patterns: list[FoundPattern],
-                     timer: _Timer) -> tuple[nn.Module, QuantizationSummary]:
+                     calibration_data: Iterable[Any] | None, opts: QuantOptions, options: dict[str, Any],
+                     choice: engine.EngineChoice,
+                     leaves: list[FloatLeaf], patterns: list[FoundPattern], timer: _Timer,
+                     traced_rewrites: list[str]) -> tuple[nn.Module, QuantizationSummary]:
     batches = materialize(calibration_data, example_inputs, opts.max_calibration_batches)
     _check_float_outputs(work, batches)
     non_traceable = [leaf.module for leaf in leaves]
@@ -151,32 +254,191 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     with timer.step("rewrite"):
         rewrites = fold_batchnorm(gm) + fuse_clamping_activations(gm)
     equalized, corrected = [], []
-    float_names = {k for k in keep_float if isinstance(k, str)}
     if opts.equalize:
         with timer.step("equalize"):
             equalized = equalize(gm, batches)
+    plan, island_modules = None, []
+    if opts.float_islands:
+        with timer.step("islands"):
+            plan = find_float_islands(gm, example_inputs, engine.quantizes_op, choice.engine,
+                                      _float_module_names(gm, keep_float, leaves))
+            float_ops = _float_ops(gm, plan, leaves)  # before outlining renames the island ops
+            island_modules = keep_islands_float(gm, plan)
+    else:
+        float_ops = _float_ops(gm, None, leaves)
+    float_keys = tuple(keep_float) + tuple(island_modules)  # recovery passes skip these layers
     rounded = {}
     if opts.optimize_rounding:
         with timer.step("rounding"):
-            rounded = optimize_rounding(gm, batches, opts.per_channel_weights, skip=float_names)
+            rounded = optimize_rounding(gm, batches, opts.per_channel_weights, skip=float_keys)
     if opts.bias_correction:
         with timer.step("bias_correction"):
-            corrected = correct_biases(gm, batches, opts.per_channel_weights, skip=float_names,
+            corrected = correct_biases(gm, batches, opts.per_channel_weights, skip=float_keys,
                                        quantized_weights={name: r.values for name, r in rounded.items()})
     with timer.step("prepare"):
-        mapping = engine.build_static_qconfig_mapping(gm, opts, choice)
-        prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable)
+        mapping = engine.build_static_qconfig_mapping(gm, opts, choice, keep_float=island_modules)
+        prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
     with timer.step("calibrate"):
         run_batches(prepared, batches, progress=opts.progress)
     with timer.step("convert"):
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0])
         engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
+        restore_output_type(quantized, run_example(work, example_inputs))
+    with timer.step("inside_leaves"):
+        around, parts = _quantize_inside_leaves(work, quantized, leaves, [example_inputs] + batches, options,
+                                                choice.engine)
+    quantized = engine.repack_weights(quantized, choice)
     summary = _summary(
-        opts, choice, engine_fidelity_db=fidelity, patterns=[str(p) for p in patterns],
-        rewrites=[f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites],
-        float_layers=_float_layers_after(quantized, leaves, keep_float),
+        opts, choice, engine_fidelity_db=fidelity,
+        patterns=[str(p) for p in patterns] + [f"{r}.{p}" for r, s in parts.items() for p in s.patterns],
+        rewrites=traced_rewrites + [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites],
+        float_layers=_float_layers_after(quantized, around, keep_float, plan)
+        + [(f"{r}.{n}", why) for r, s in parts.items() for n, why in s.float_layers],
+        float_ops=_untraceable_ops(around, parts) + float_ops
+        + [(f"{r}: {what}", why) for r, s in parts.items() for what, why in s.float_ops],
+        conversions=engine.count_conversions(quantized),
+        estimated_latency_us={} if plan is None else {
+            "float": plan.float_us, "every op int8": plan.all_int8_us, "fxq": plan.planned_us},
         equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded), timings_s=timer.seconds)
     return quantized, summary
+
+
+# --- models whose own forward does not trace ------------------------------------------------------
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _region_options(options: dict[str, Any], region: str) -> dict[str, Any]:
+    """`quantize` keyword arguments for one region: module names made relative to it."""
+    scoped = dict(options)
+    prefix = region + "."
+    for key in ("keep_float",):
+        if key in scoped:
+            entries = (scoped[key],) if isinstance(scoped[key], (str, type)) else tuple(scoped[key])
+            scoped[key] = tuple(e[len(prefix):] if isinstance(e, str) else e for e in entries
+                                if not isinstance(e, str) or e.startswith(prefix))
+    if "observer_overrides" in scoped:
+        scoped["observer_overrides"] = {k[len(prefix):] if isinstance(k, str) else k: v
+                                        for k, v in scoped["observer_overrides"].items()
+                                        if not isinstance(k, str) or k.startswith(prefix)}
+    return scoped
+
+
+def _capture_calls(work: nn.Module, regions: list[str], batches: list[Batch]) -> dict[str, list[list[tuple]]]:
+    """Per region, per batch: the positional arguments of each call (None for a call with keywords)."""
+    calls: dict[str, list[list[tuple]]] = {name: [] for name in regions}
+    handles = []
+    for name in regions:
+        def record(_module, args, kwargs, name=name):
+            calls[name][-1].append(None if kwargs else tuple(args))
+        handles.append(work.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                for name in regions:
+                    calls[name].append([])
+                work(*batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _quantize_parts(work: nn.Module, target: nn.Module, parts: list[str], around: list[FloatLeaf],
+                    runs: list[Batch], options: dict[str, Any], backend: str) -> dict[str, QuantizationSummary]:
+    """Quantize each named traceable part of the float model `work` on the arguments it receives when
+    `work` runs `runs` (the first run is the example), and put the int8 part into `target` under the same
+    name. Parts that cannot be quantized are added to `around` with the reason."""
+    calls = _capture_calls(work, parts, runs)
+    summaries = {}
+    for name in parts:
+        example_calls = calls[name][0]
+        part_batches = [args for run in calls[name][1:] for args in run]
+        if not example_calls or None in example_calls or None in part_batches:
+            around.append(FloatLeaf(name, "not called, or called with keyword arguments, on the example inputs"))
+            continue
+        try:
+            quantized = quantize(work.get_submodule(name), example_calls[0], calibration_data=part_batches,
+                                 backend=backend, **_region_options(options, name))
+        except FxqError as failure:
+            around.append(FloatLeaf(name, f"not quantized: {failure}"[:300]))
+            continue
+        summaries[name] = summary_of(quantized)
+        backend = summaries[name].engine  # every part on the engine the first one chose
+        replace_module(target, name, quantized)
+    return summaries
+
+
+def _untraceable_layers(model: nn.Module, around: list[FloatLeaf]) -> list[tuple[str, str]]:
+    """Float conv/linear calls that run inside untraceable code, each with the reason of the innermost
+    untraceable module around it."""
+    listed = []
+    for name in engine.weighted_layers(model).float:
+        enclosing = [leaf for leaf in around if not leaf.module or _within(name, leaf.module)]
+        if enclosing:
+            innermost = max(enclosing, key=lambda leaf: len(leaf.module))
+            listed.append((name, f"untraceable: {innermost.reason}"))
+    return listed
+
+
+def _untraceable_ops(around: list[FloatLeaf], parts: Iterable[str]) -> list[tuple[str, str]]:
+    """The untraceable modules themselves, as float code, with what was quantized inside them."""
+    listed = []
+    for leaf in around:
+        inside = [p for p in parts if not leaf.module or _within(p, leaf.module)]
+        what = f"{leaf.module or '(top-level forward)'}: runs as Python in float" + (
+            f"; int8 inside: {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''}" if inside else "")
+        listed.append((what, f"untraceable: {leaf.reason}"))
+    return listed
+
+
+def _quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                      opts: QuantOptions, options: dict[str, Any], error: TraceError,
+                      timer: _Timer) -> tuple[nn.Module, QuantizationSummary]:
+    """Quantize each traceable submodule of a model whose own forward cannot be traced (detection models:
+    the backbone, the box head), calibrated on the inputs it receives inside the float model; the model's
+    own code and the untraceable modules around the regions run in float, and are reported."""
+    reason = str(error.__cause__ or error).splitlines()[0][:200]
+    regions, around = find_regions(work, reason)
+    if not regions:
+        raise error
+    batches = materialize(calibration_data, example_inputs, opts.max_calibration_batches)
+    _check_float_outputs(work, batches)
+    summaries = _quantize_parts(work, work, regions, around, [example_inputs] + batches, options,
+                                opts.backend.value)
+    first = next(iter(summaries.values()), None)
+    merged = QuantizationSummary(
+        options=opts.describe(), engine=first.engine if first else opts.backend.value,
+        engine_reason=first.engine_reason if first else "no region quantized",
+        reduce_range=any(s.reduce_range for s in summaries.values()),
+        kernel_saturates=any(s.kernel_saturates for s in summaries.values()),
+        float_layers=_untraceable_layers(work, around)
+        + [(f"{r}.{n}", why) for r, s in summaries.items() for n, why in s.float_layers],
+        patterns=[f"{r}.{p}" for r, s in summaries.items() for p in s.patterns],
+        rewrites=[f"{r}: {w}" for r, s in summaries.items() for w in s.rewrites],
+        float_ops=_untraceable_ops(around, summaries)
+        + [(f"{r}: {what}", why) for r, s in summaries.items() for what, why in s.float_ops],
+        conversions={k: sum(s.conversions.get(k, 0) for s in summaries.values()) for k in ("quantize", "dequantize")},
+        timings_s=dict(timer.seconds),
+        notes=[f"{type(work).__name__}.forward does not trace ({reason}); quantized separately: "
+               f"{', '.join(summaries) or 'nothing'}"])
+    return work, merged
+
+
+def _quantize_inside_leaves(work: nn.Module, quantized: nn.Module, leaves: list[FloatLeaf], runs: list[Batch],
+                            options: dict[str, Any], backend: str) -> tuple[list[FloatLeaf], dict[str, QuantizationSummary]]:
+    """The traceable parts inside untraceable leaves (Gate.conv of a Gate whose forward branches on data),
+    quantized on their own and put into the int8 model's leaves. Returns every untraceable module (leaves
+    and the untraceable modules inside them) and the parts' summaries."""
+    around: list[FloatLeaf] = []
+    parts: list[str] = []
+    for leaf in leaves:
+        regions, inner = find_regions(work.get_submodule(leaf.module), leaf.reason)
+        parts += [f"{leaf.module}.{region}" for region in regions]
+        around += [FloatLeaf(f"{leaf.module}.{i.module}" if i.module else leaf.module, i.reason) for i in inner]
+    summaries = _quantize_parts(work, quantized, parts, around, runs, options, backend) if parts else {}
+    return around, summaries
 
 
 # --- quantization-aware training -------------------------------------------------------------------
@@ -199,9 +461,9 @@ def prepare_qat(model: nn.Module, example_inputs: Any, backend: str = "auto", **
     with _seeded(opts.seed):
         work = copy.deepcopy(model).eval()
         run_example(work, example_inputs)
-        _, leaves = trace_model(work)
-        work.train()
-        prepared = engine.prepare_qat(work, example_inputs, choice, opts.keep_float, [l.module for l in leaves])
+        work.train()  # traced in train mode: training-only branches (dropout, auxiliary heads) stay in the graph
+        gm, leaves, _ = _trace(work, example_inputs)
+        prepared = engine.prepare_qat(gm, example_inputs, choice, opts.keep_float, [l.module for l in leaves])
     _QAT_STATE[prepared] = (opts, choice, leaves)
     return prepared
 
@@ -255,7 +517,7 @@ def inspect(model: nn.Module, example_inputs: Any) -> Inspection:
     example_inputs = as_example_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
     run_example(work, example_inputs)
-    gm, leaves = trace_model(work)
+    gm, leaves, _ = _trace(work, example_inputs)
     counts: dict[str, int] = {}
     for _, module in gm.named_modules():
         if isinstance(module, engine.WEIGHT_TYPES):

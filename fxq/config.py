@@ -67,6 +67,9 @@ class QuantOptions:
     bias_correction: bool = True
     # Error-compensated (GPTQ-style) int8 weight rounding instead of round-to-nearest.
     optimize_rounding: bool = True
+    # Leave ops in float where int8 would cost more time than it saves, quantize/dequantize included
+    # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
+    float_islands: bool = True
     # Keep the fewest layers in float that reach this end-to-end SQNR (accuracy-targeted mixed precision).
     target_sqnr_db: float | None = None
     max_calibration_batches: int | None = None

@@ -24,6 +24,12 @@ class QuantizationSummary:
     rewrites: list[str] = field(default_factory=list)
     # (module or node, why): layers or ops that run in float in the returned model
     float_layers: list[tuple[str, str]] = field(default_factory=list)
+    # (ops, why): ops without int8 kernels and float islands, which run between dequantize and quantize
+    float_ops: list[tuple[str, str]] = field(default_factory=list)
+    # quantize / dequantize calls per forward of the int8 model
+    conversions: dict[str, int] = field(default_factory=dict)
+    # the float-island cost model's estimates (us): whole model float, every op int8, fxq's plan
+    estimated_latency_us: dict[str, float] = field(default_factory=dict)
     equalized_pairs: int = 0
     bias_corrected_layers: int = 0
     rounded_layers: int = 0

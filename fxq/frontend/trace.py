@@ -96,3 +96,43 @@ def trace_model(model: nn.Module, extra_leaves: set[str] | None = None) -> tuple
         # `from __future__ import annotations`) becomes a name TorchScript cannot resolve when saving.
         node.type = None
     return fx.GraphModule(model, graph, type(model).__name__), leaves
+
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _holds_weights(module: nn.Module) -> bool:
+    return any(isinstance(m, _WEIGHTED) for m in module.modules())
+
+
+def find_regions(model: nn.Module, reason: str) -> tuple[list[str], list[FloatLeaf]]:
+    """For a model whose own forward cannot be traced (`reason`): the largest submodules that trace without
+    keeping any conv/linear layer in a float leaf (each is quantized on its own), and the modules around
+    them, which run as the model's own Python code in float. A submodule that traces only by keeping
+    weighted blocks float is opened up instead, so the traceable parts of those blocks are found too."""
+    regions: list[str] = []
+    around = [FloatLeaf("", reason)]
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = prefix + child_name
+            if not _holds_weights(child):
+                continue
+            if isinstance(child, _WEIGHTED):
+                regions.append(name)
+                continue
+            try:
+                _, leaves = trace_model(child)
+            except TraceError as error:
+                around.append(FloatLeaf(name, _first_line(error.__cause__ or error)))
+                visit(child, name + ".")
+                continue
+            if any(_holds_weights(child.get_submodule(leaf.module)) for leaf in leaves):
+                around.append(FloatLeaf(name, "traces only with conv/linear blocks kept float inside: "
+                                              + "; ".join(f"{leaf.module}: {leaf.reason}" for leaf in leaves)[:200]))
+                visit(child, name + ".")
+            else:
+                regions.append(name)
+
+    visit(model, "")
+    return regions, around

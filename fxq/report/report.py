@@ -20,14 +20,13 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from fxq.backend.engine import WEIGHT_TYPES
+from fxq.backend.engine import weighted_layers
 from fxq.calibration import as_args
 from fxq.report.latency import LatencyRow, measure_latency
 from fxq.summary import summary_of
 from fxq.validate import as_example_inputs
 
 INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
-FLOAT_WEIGHT_TYPES = {f"{t.__module__}.{t.__qualname__}" for t in WEIGHT_TYPES}
 
 
 @dataclass
@@ -65,6 +64,10 @@ class Structure:
     patterns: list[str] = field(default_factory=list)
     float_layers: list[tuple[str, str]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    float_ops: list[tuple[str, str]] = field(default_factory=list)
+    conversions: dict[str, int] = field(default_factory=dict)
+    estimated_latency_us: dict[str, float] = field(default_factory=dict)
+    int8_layers: int = 0  # conv/linear calls that run int8 kernels
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Report:
             "latency": [row.to_dict() for row in self.latency],
             "error": asdict(self.error),
             "structure": {**asdict(self.structure),
-                          "float_layers": [list(pair) for pair in self.structure.float_layers]},
+                          "float_layers": [list(pair) for pair in self.structure.float_layers],
+                          "float_ops": [list(pair) for pair in self.structure.float_ops]},
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -114,20 +118,38 @@ class Report:
                 headers=["metric", "value"], tablefmt=tablefmt)),
             ("structure", tabulate(
                 [["int8 modules", structure.int8_modules],
+                 ["int8 conv/linear calls", structure.int8_layers],
                  ["float conv/linear left", len(structure.float_weight_layers)],
                  ["backend", structure.engine or "unknown (no fxq summary)"],
                  ["backend reason", structure.engine_reason or ""],
                  ["reduce_range", "unknown" if structure.reduce_range is None else structure.reduce_range]]
+                + ([["quantize / dequantize per call",
+                     f"{structure.conversions.get('quantize', 0)} / {structure.conversions.get('dequantize', 0)}"]]
+                   if structure.conversions else [])
                 + [[f"pattern {name}", count] for name, count in _pattern_counts(structure.patterns).items()],
                 tablefmt=tablefmt)),
         ]
-        if structure.float_layers:
-            sections.append(("float layers", tabulate([list(pair) for pair in structure.float_layers],
-                                                      headers=["layer", "why"], tablefmt=tablefmt)))
+        if structure.float_layers or structure.float_ops:
+            sections.append(("what falls back to float", fallback_table(structure, tablefmt)))
         if structure.options:
             sections.append(("options", tabulate([[k, v] for k, v in structure.options.items()],
                                                  headers=["option", "value"], tablefmt=tablefmt)))
         return "\n\n".join(f"{heading}{title}\n{table}" for title, table in sections)
+
+
+def fallback_table(structure: Structure, tablefmt: str = "simple") -> str:
+    """Conv/linear layers and other ops that run in float in the int8 model, each with the reason, and the
+    cost model's latency estimates when fxq planned float islands."""
+    from tabulate import tabulate
+
+    rows = [["layer", name, why] for name, why in structure.float_layers]
+    rows += [["ops", ops, why] for ops, why in structure.float_ops]
+    widths = None if tablefmt == "pipe" else [None, 60, 70]  # markdown cells cannot wrap
+    text = tabulate(rows, headers=["kind", "what", "why"], tablefmt=tablefmt, maxcolwidths=widths)
+    if structure.estimated_latency_us:
+        estimates = ", ".join(f"{name} {value / 1000:.2f} ms" for name, value in structure.estimated_latency_us.items())
+        text += f"\n\ncost model estimate of the quantizable ops and conversions: {estimates}"
+    return text
 
 
 def _pattern_counts(patterns: Sequence[str]) -> dict[str, int]:
@@ -203,19 +225,18 @@ def measure_error(float_model: nn.Module, quantized_model: nn.Module,
 
 
 def describe_structure(quantized_model: nn.Module) -> Structure:
-    int8_modules, float_weight_layers = 0, []
-    for name, module in quantized_model.named_modules():
-        path = _type_path(module)
-        if path.startswith(INT8_MODULE_PREFIXES) and not path.endswith("PackedParams"):
-            int8_modules += 1
-        elif path in FLOAT_WEIGHT_TYPES:
-            float_weight_layers.append(name)
+    int8_modules = sum(1 for _, module in quantized_model.named_modules()
+                       if _type_path(module).startswith(INT8_MODULE_PREFIXES)
+                       and not _type_path(module).endswith("PackedParams"))
+    layers = weighted_layers(quantized_model)  # conv/linear calls, functional and inside float leaves too
     summary = summary_of(quantized_model)
     if summary is None:
-        return Structure(int8_modules, float_weight_layers, None, None, None)
-    return Structure(int8_modules, float_weight_layers, summary.engine, summary.engine_reason,
+        return Structure(int8_modules, layers.float, None, None, None, int8_layers=len(layers.int8))
+    return Structure(int8_modules, layers.float, summary.engine, summary.engine_reason,
                      summary.reduce_range, list(summary.patterns),
-                     [tuple(pair) for pair in summary.float_layers], dict(summary.options))
+                     [tuple(pair) for pair in summary.float_layers], dict(summary.options),
+                     [tuple(pair) for pair in summary.float_ops], dict(summary.conversions),
+                     dict(summary.estimated_latency_us), len(layers.int8))
 
 
 def report(float_model: nn.Module, quantized_model: nn.Module, example_inputs: Any, *,
