@@ -17,6 +17,7 @@ from fxq import samples
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
 from fxq.analysis.sensitivity import SensitivityReport, float_units, sensitivity
 from fxq.analysis.shadow import output_tensors
+from fxq.api import quantize
 from fxq.backend.engine import is_quantized_module, using_engine
 from fxq.errors import ConfigError, FxqError, InputError, MissingExtraError, TraceError
 from fxq.summary import summary_of
@@ -344,6 +345,22 @@ def test_mobilenet_last_layer_accumulated_sqnr_matches_logits(mobilenet_report):
     # solo impacts add up (roughly, noise powers) to no less than the whole model's error
     solo_noise = sum(10 ** (-layer.solo_sqnr_db / 10) for layer in report.layers)
     assert 10 * math.log10(1 / solo_noise) < end_to_end + 6.0
+
+
+@pytest.mark.slow
+def test_mobilenet_recommendation_for_30_db_is_verified_on_fresh_images(mobilenet_report, eval_crops):
+    """recommend(30) then quantize(keep_float=...) reaches 30 dB on the eval crops it was chosen on, and
+    stays close on crops it never saw (about 5 minutes: each verification quantizes the model again)."""
+    model, evaluation, report = mobilenet_report
+    names = report.recommend(30.0)
+    assert report.recommendation.verified_sqnr_db >= 30.0
+    calibration = report._inputs.calibration_batches
+    mixed = quantize(model, calibration[0], calibration_data=calibration, keep_float=names)
+    unseen = eval_crops[16:48]
+    with torch.no_grad(), using_engine(summary_of(mixed).engine):
+        assert sqnr_db(torch.cat([model(b) for b in evaluation]), torch.cat([mixed(b) for b in evaluation])) >= 30.0
+        assert sqnr_db(model(unseen), mixed(unseen)) >= 27.0
+    assert any(is_quantized_module(module) for module in mixed.modules())
 
 
 def test_report_repr_names_layers(mobilenet_report):
