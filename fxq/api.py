@@ -107,7 +107,7 @@ def _open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf],
     ops out of place (torch.ao's convert would drop those whose result is unused) and drop eval-mode
     no-ops. Returns the graph, the float leaves and the rewrites done, described."""
     if work.training:  # QAT: a forward would update BatchNorm statistics; attention stays as it is
-        return gm, leaves, [_describe_inplace(r) for r in remove_inplace_ops(gm)]
+        return gm, leaves, _describe_inplace(remove_inplace_ops(gm))
     with torch.no_grad():
         expected = output_tensors(work(*example_inputs))
 
@@ -118,10 +118,12 @@ def _open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf],
             a.shape == e.shape and torch.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected))
 
     decomposed = decompose_attention(work, gm, example_inputs, same_outputs)
-    if decomposed:
+    if any(d.applied for d in decomposed):
         gm, leaves = trace_model(work)
-    rewrites = [f"decompose: {d.module} ({d.kind})" for d in decomposed]
-    rewrites += [_describe_inplace(r) for r in remove_inplace_ops(gm)]
+    rewrites = [f"decompose: {d.module} ({d.kind})" if d.applied else
+                f"decompose not applied: {d.module} ({d.kind} changed the outputs on the example inputs)"
+                for d in decomposed]
+    rewrites += _describe_inplace(remove_inplace_ops(gm))
     removed = remove_eval_identities(gm)
     if removed:
         rewrites.append(f"drop_eval_identity: {len(removed)} ops that return their input in eval mode "
@@ -238,8 +240,16 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
     return quantized
 
 
-def _describe_inplace(rewrite: InplaceRewrite) -> str:
-    return f"out_of_place: {rewrite.node} ({rewrite.op}; {rewrite.rewired_readers} later reader(s) rewired)"
+def _describe_inplace(rewrites: list[InplaceRewrite]) -> list[str]:
+    """One line per in-place op whose later readers were rewired; the plain ones (ReLU(inplace=True) on a
+    tensor nothing else reads) counted on one line."""
+    lines = [f"out_of_place: {r.node} ({r.op}; {r.rewired_readers} later reader(s) now read its result)"
+             for r in rewrites if r.rewired_readers]
+    plain = [r.node for r in rewrites if not r.rewired_readers]
+    if plain:
+        lines.append(f"out_of_place: {len(plain)} in-place op(s) with no later reader "
+                     f"({', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''})")
+    return lines
 
 
 def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,

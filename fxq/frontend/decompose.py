@@ -23,10 +23,11 @@ from torch import Tensor, fx, nn
 
 @dataclass(frozen=True)
 class Decomposition:
-    """One block rewritten: its module name and what it was."""
+    """One block considered: its module name, the rewrite, and whether it was kept."""
 
     module: str
     kind: str
+    applied: bool = True
 
 
 class SelfAttention(nn.Module):
@@ -236,8 +237,8 @@ def decompose_attention(model: nn.Module, gm: fx.GraphModule, example_inputs: tu
         return []
     for name, (_, replacement, _) in candidates.items():
         _set(model, name, replacement)
-    if not same_outputs():
+    applied = same_outputs()
+    if not applied:  # undone, and reported: the blocks stay opaque (their linear layers float)
         for name, (original, _, _) in candidates.items():
             _set(model, name, original)
-        return []
-    return [Decomposition(name, kind) for name, (_, _, kind) in candidates.items()]
+    return [Decomposition(name, kind, applied) for name, (_, _, kind) in candidates.items()]

@@ -3,6 +3,8 @@
 Data-dependent control flow, shape asserts and non-torch calls stop torch.fx. Instead of failing, fxq
 finds the smallest submodules whose own forward cannot be traced, keeps them as opaque float leaves, and
 records why; the rest of the model is traced and quantized. The leaves are reported, never hidden.
+`find_regions` serves the opposite case, a model (or a leaf) whose own forward does not trace: it lists
+the largest traceable submodules inside, which fxq quantizes one by one.
 """
 
 from __future__ import annotations
