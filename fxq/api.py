@@ -202,7 +202,7 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
             try:
                 gm, leaves = trace_model(work)
             except TraceError as error:
-                if opts.mode is not Mode.STATIC or opts.target_sqnr_db is not None:
+                if opts.mode is not Mode.STATIC or opts.target_sqnr_db is not None or opts.eval_fn is not None:
                     raise
                 quantized, summary = _quantize_regions(work, example_inputs, calibration_data, opts, options,
                                                        error, timer)
@@ -225,13 +225,16 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
                                        float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
                                        timings_s=timer.seconds))
             return quantized
-        if opts.target_sqnr_db is not None:
-            from fxq.recovery.mixed_precision import quantize_to_target
+        if opts.target_sqnr_db is not None or opts.eval_fn is not None:
+            from fxq.recovery.mixed_precision import quantize_to_metric, quantize_to_target
 
             batches = materialize(calibration_data, example_inputs, opts.max_calibration_batches)
-            options.pop("target_sqnr_db")
-            return quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db,
-                                      dict(options, mode=mode, backend=backend))
+            base = {key: value for key, value in options.items() if key not in ("target_sqnr_db", "eval_fn",
+                                                                                 "max_drop")}
+            base.update(mode=mode, backend=backend)
+            if opts.eval_fn is not None:
+                return quantize_to_metric(model, example_inputs, batches, opts.eval_fn, opts.max_drop, base)
+            return quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db, base)
         quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, options, choice,
                                               leaves, patterns, timer, traced_rewrites)
     attach(quantized, summary)
@@ -489,7 +492,12 @@ def freeze_bn_stats(qat_model: nn.Module) -> nn.Module:
 
 
 def convert(prepared: nn.Module) -> nn.Module:
-    """The int8 model of a trained `prepare_qat` model (the prepared model itself is left as it is)."""
+    """The int8 model of a trained `prepare_qat` model (the prepared model itself is left as it is).
+
+    A model wrapped for training in DistributedDataParallel or DataParallel is unwrapped first.
+    """
+    if isinstance(prepared, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        prepared = prepared.module
     if prepared not in _QAT_STATE:
         raise InputError("fxq.convert takes the model returned by fxq.prepare_qat (after training); "
                          "for post-training quantization call fxq.quantize")

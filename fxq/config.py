@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fxq.errors import ConfigError
 
@@ -72,6 +72,10 @@ class QuantOptions:
     float_islands: bool = True
     # Keep the fewest layers in float that reach this end-to-end SQNR (accuracy-targeted mixed precision).
     target_sqnr_db: float | None = None
+    # Or for the user's metric: eval_fn(model) -> score (higher is better); the int8 model may score at
+    # most max_drop below the float model.
+    eval_fn: Callable[[Any], float] | None = None
+    max_drop: float | None = None
     max_calibration_batches: int | None = None
     progress: bool = False
     seed: int = 0
@@ -92,6 +96,16 @@ class QuantOptions:
             raise ConfigError(f"max_calibration_batches={self.max_calibration_batches} must be >= 1")
         if self.target_sqnr_db is not None and not 0 < self.target_sqnr_db < 200:
             raise ConfigError(f"target_sqnr_db={self.target_sqnr_db} must be a positive number of dB")
+        if (self.eval_fn is None) != (self.max_drop is None):
+            raise ConfigError("eval_fn and max_drop go together: eval_fn(model) scores a model (higher is "
+                              "better) and max_drop is how far below the float model's score int8 may fall")
+        if self.eval_fn is not None:
+            if not callable(self.eval_fn):
+                raise ConfigError(f"eval_fn={self.eval_fn!r} must be a function of a model returning a score")
+            if not isinstance(self.max_drop, (int, float)) or self.max_drop < 0:
+                raise ConfigError(f"max_drop={self.max_drop!r} must be a number >= 0")
+            if self.target_sqnr_db is not None:
+                raise ConfigError("pass target_sqnr_db or eval_fn with max_drop, not both")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "QuantOptions":
@@ -112,6 +126,8 @@ class QuantOptions:
             value = getattr(self, f.name)
             if isinstance(value, enum.Enum):
                 value = value.value
+            elif f.name == "eval_fn" and value is not None:
+                value = getattr(value, "__name__", repr(value))
             elif f.name == "keep_float":
                 value = [v if isinstance(v, str) else getattr(v, "__name__", str(v)) for v in value]
             elif f.name == "observer_overrides":

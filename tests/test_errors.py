@@ -292,3 +292,13 @@ def test_loading_a_model_built_for_an_engine_this_cpu_lacks(untouched, cpu_suppo
             assert sqnr(quantized(images(4, seed=7)), loaded(images(4, seed=7))) > 25
     finally:
         torch.backends.quantized.engine = previous
+
+
+def test_eval_fn_without_max_drop_is_a_config_error(untouched):
+    with pytest.raises(fxq.ConfigError, match="max_drop"):
+        fxq.quantize(untouched, images(1), calibration_data=batches(), eval_fn=lambda model: 1.0)
+    with pytest.raises(fxq.ConfigError, match="not both"):
+        fxq.quantize(untouched, images(1), calibration_data=batches(), eval_fn=lambda model: 1.0, max_drop=0.1,
+                     target_sqnr_db=30)
+    with pytest.raises(fxq.ConfigError, match="max_drop"):
+        fxq.quantize(untouched, images(1), calibration_data=batches(), eval_fn=lambda model: 1.0, max_drop=-1)

@@ -72,3 +72,14 @@ def test_frozen_qat_model_stops_updating_ranges_and_bn_stats(digits):
 def test_convert_rejects_a_model_not_from_prepare_qat():
     with pytest.raises(fxq.InputError, match="prepare_qat"):
         fxq.convert(DigitsNet())
+
+
+def test_convert_unwraps_a_data_parallel_wrapper(digits):
+    train_x, _, test_x, _ = digits
+    torch.manual_seed(0)
+    qat_model = fxq.prepare_qat(DigitsNet().eval(), train_x[:8])
+    wrapped = nn.DataParallel(qat_model)  # DistributedDataParallel wraps the same way (examples/qat_ddp.py)
+    int8_model = fxq.convert(wrapped)
+    reference = fxq.convert(qat_model)
+    with torch.no_grad():
+        assert torch.equal(int8_model(test_x[:16]), reference(test_x[:16]))

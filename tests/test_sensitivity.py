@@ -413,3 +413,23 @@ def test_metric_target_keeps_the_planted_layer_float(photo_batches, planted_repo
     with pytest.raises(ConfigError, match="max_drop"):  # only the user's own float model scores well
         quantize_to_metric(model, (calibration[0][:1],), [(b,) for b in calibration],
                            lambda m: 0.0 if isinstance(m, Planted) else -1.0, 0.5, {"equalize": False})
+
+
+def test_quantize_with_eval_fn_and_max_drop(photo_batches):
+    calibration, evaluation = photo_batches
+    model = planted_model()
+    with torch.no_grad():
+        reference = model(evaluation[0])
+
+    def closeness(candidate: nn.Module) -> float:  # the user's metric: higher is better, float scores inf
+        with torch.no_grad():
+            return sqnr_db(reference, candidate(evaluation[0]))
+
+    all_int8 = closeness(quantize(model, calibration[0][:1], calibration_data=calibration, equalize=False))
+    # a drop of (inf - x) is inf for any int8 model: the metric below caps at 60 instead
+    quantized = quantize(model, calibration[0][:1], calibration_data=calibration, equalize=False,
+                         eval_fn=lambda m: min(closeness(m), 60.0), max_drop=60.0 - (all_int8 + 10.0))
+    assert closeness(quantized) >= all_int8 + 10.0
+    summary = summary_of(quantized)
+    assert any("eval_fn" in why for _, why in summary.float_layers)
+    assert summary.options["eval_fn"] == "<lambda>" and summary.options["max_drop"] > 0
