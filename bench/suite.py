@@ -444,10 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        return run_suite(args)
-    finally:
+        return run_suite(parse_args(argv))
+    finally:  # also after --help or a usage error
         if FRESH_INDUCTOR_CACHE:
             shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
