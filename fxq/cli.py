@@ -182,8 +182,26 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+# The benchmark suite lives in the source checkout (bench/), not in the installed package: it compares
+# against torch.compile and native torch.ao flows that fxq itself never imports.
+SUITE = Path(__file__).resolve().parents[1] / "bench" / "suite.py"
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    print("fxq bench: not part of the CLI yet; see bench/ (accuracy.py, bench_sensitivity.py)")
+    """Run bench/suite.py with the arguments after `bench` (`fxq bench --help` lists them)."""
+    import runpy
+
+    if not SUITE.is_file():
+        raise FileNotFoundError(f"{SUITE} not found: the benchmark suite runs from a source checkout of fxq "
+                                "(pip install -e .); see the README's benchmark section")
+    saved = sys.argv
+    sys.argv = [str(SUITE), *args.suite_args]
+    try:
+        runpy.run_path(str(SUITE), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 0
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -235,13 +253,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_arguments(sensitivity, with_mode=False)
     sensitivity.set_defaults(run=run_sensitivity, mode="static")
 
-    bench = commands.add_parser("bench", help="benchmarks (see bench/)")
-    bench.set_defaults(run=run_bench)
+    bench = commands.add_parser("bench", help="the benchmark suite (bench/suite.py; writes bench/results.md)",
+                                add_help=False)
+    bench.set_defaults(run=run_bench, suite_args=[])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the suite, --help included
+        args = argparse.Namespace(run=run_bench, suite_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except (FxqError, ValueError, FileNotFoundError) as exc:
