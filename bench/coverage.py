@@ -121,6 +121,14 @@ def run_all(names: list[str], threads: int, options: dict, timeout_s: int) -> No
         print(f"{name}: {row.get('error') or row} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
+# Rows measured with other options than fxq's defaults, and why (shown under the table).
+OPTION_NOTES = {
+    "bias_correction": "fxq.recovery.bias_correction takes dim 1 as the channel dim of every layer's output; "
+                       "a linear layer on channels-last tokens (ConvNeXt, ViT, Swin, MaxViT) makes it stop with "
+                       "a shape error, so these rows run with bias_correction=False until it is fixed",
+}
+
+
 def render_markdown() -> str:
     from tabulate import tabulate
 
@@ -130,29 +138,34 @@ def render_markdown() -> str:
     table = []
     for row in rows:
         if "error" in row:
-            table.append([row["model"], "error", "", "", "", "", "", "", row["error"][:80]])
+            table.append([row["model"], "error", "", "", "", "", "", "", row["error"].strip().splitlines()[-1][:80], ""])
             continue
         reasons = ", ".join(row["float_layer_reasons"]) or ""
+        options = ", ".join(f"{k}={v}" for k, v in row.get("options", {}).items())
         table.append([row["model"], row["input"], f"{row['int8_layers']}/{row['int8_layers'] + row['float_layers']}",
                       f"{row['int8_fraction']:.2f}", f"{row['latency_ratio']:.2f}",
                       f"{row['float_ms']:.1f} / {row['int8_ms']:.1f}", f"{row['sqnr_db']:.1f}",
-                      f"{row['sqnr_recovery_off_db']:.1f}", reasons])
+                      f"{row['sqnr_recovery_off_db']:.1f}", reasons, options or "defaults"])
     threads = {row.get("threads") for row in rows if "threads" in row}
-    options = {json.dumps(row.get("options")) for row in rows if "options" in row}
+    changed = {key for row in rows for key in row.get("options", {})}
+    notes = "".join(f"\n- `{key}=False`: {OPTION_NOTES[key]}." for key in sorted(changed) if key in OPTION_NOTES)
     header = (f"# fxq coverage: torchvision models through `fxq.quantize`\n\n"
               f"{cpu_name()}, {', '.join(map(str, sorted(threads)))} threads, torch "
               f"{__import__('torch').__version__}, {datetime.date.today().isoformat()}; machine shared with other "
               f"benchmark runs (latencies are noisy, ratios less so: float and int8 are timed alternately).\n"
-              f"`python bench/coverage.py` (options {', '.join(options)}). Random weights with BatchNorm statistics "
+              f"`python bench/coverage.py`, fxq's default options unless the last column says otherwise. Random "
+              f"weights with BatchNorm statistics "
               f"re-estimated on photographs (tests/coverage_models.py), except mobilenet_v2 (ImageNet checkpoint); "
               f"SQNR of all outputs against float on {EVAL_IMAGES} photographic crops (detectors: of the backbone's "
               f"feature maps on {EVAL_IMAGES // 4} images; their own forward does not trace, so fxq quantizes the "
               f"traceable parts and the heads' Python code runs in float); latency at batch 1. The second SQNR "
-              f"column quantizes again with equalization, bias correction and optimized rounding off.\n\n")
-    return header + tabulate(table, headers=["model", "input", "int8 conv/linear", "int8 fraction",
-                                             "int8/float latency", "float / int8 ms", "SQNR dB",
-                                             "SQNR dB, recovery off", "why layers stay float"],
-                                    tablefmt="pipe") + "\n"
+              f"column quantizes again with equalization, bias correction and optimized rounding off. Random deep "
+              f"networks amplify any perturbation, so low SQNRs here say little about accuracy (the MobileNetV2 "
+              f"row has real weights).\n\n")
+    body = tabulate(table, headers=["model", "input", "int8 conv/linear", "int8 fraction", "int8/float latency",
+                                    "float / int8 ms", "SQNR dB", "SQNR dB, recovery off", "why layers stay float",
+                                    "options"], tablefmt="pipe")
+    return header + body + "\n" + (f"\nNotes:{notes}\n" if notes else "")
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -206,12 +206,19 @@ def _decomposed_swin(original: nn.Module) -> nn.Module:
     return replacement
 
 
+def may_decompose(model: nn.Module) -> bool:
+    """Whether `model` holds a block `decompose_attention` knows (cheap: no tracing, no forward)."""
+    swin = _swin_class()
+    return any(isinstance(m, nn.MultiheadAttention) or (swin is not None and type(m) is swin)
+               for m in model.modules())
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def decompose_attention(model: nn.Module, gm: fx.GraphModule, example_inputs: tuple[Any, ...],
+def decompose_attention(model: nn.Module, gm: fx.GraphModule,
                         same_outputs: Callable[[], bool]) -> list[Decomposition]:
     """Replace eligible attention blocks of `model` (fxq's working copy) in place; returns what changed.
 
