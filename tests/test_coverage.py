@@ -252,10 +252,6 @@ def test_self_attention_projections_become_int8(batch_first):
     assert measured > 25  # measured 32.1 dB
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="fxq.recovery.bias_correction takes dim 1 as the channel dim of a linear layer's output; "
-                          "on (batch, tokens, features) inputs it stops with a shape error (ConvNeXt, ViT, Swin and "
-                          "MaxViT with default options)")
 def test_default_options_on_token_inputs():
     torch.manual_seed(0)
     model = TinyEncoder(batch_first=True).eval()

@@ -7,6 +7,7 @@ shift is subtracted from the layer's bias before quantization, so the int8 layer
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -54,9 +55,9 @@ def correct_biases(gm: fx.GraphModule, batches: Sequence[Batch], per_channel: bo
     def record(name: str, x: torch.Tensor, _output: torch.Tensor) -> None:
         layer = layers[name]
         shift = _weight_error_output(layer, x, errors[name])
-        dims = non_channel_dims(shift)
+        dims = non_channel_dims(shift, layer)
         sums[name] = sums.get(name, 0) + shift.sum(dim=dims)
-        counts[name] = counts.get(name, 0) + shift.numel() // shift.shape[1 if shift.dim() > 2 else -1]
+        counts[name] = counts.get(name, 0) + math.prod(shift.shape[d] for d in dims)
 
     run_with_hooks(gm, batches, {name: gm.get_submodule(name) for name in layers}, record)
     corrections = []

@@ -136,15 +136,19 @@ def _channels_out(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch], nodes: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    """Per-channel max |value| of each listed node's output over the batches (one interpreter pass)."""
+def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch],
+                    nodes: dict[fx.Node, nn.Module]) -> dict[fx.Node, torch.Tensor]:
+    """Per-channel max |value| of each listed node's output over the batches (one interpreter pass).
+
+    `nodes` maps each node to a layer of its group, which says where the channels are (conv: dim 1,
+    linear: the last dim)."""
     ranges: dict[fx.Node, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node):
             result = super().run_node(node)
             if node in nodes and isinstance(result, torch.Tensor):
-                peak = result.detach().abs().amax(dim=non_channel_dims(result))
+                peak = result.detach().abs().amax(dim=non_channel_dims(result, nodes[node]))
                 ranges[node] = torch.maximum(ranges[node], peak) if node in ranges else peak
             return result
 
@@ -215,7 +219,8 @@ def equalize(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[EqualizedGrou
     groups = find_groups(gm)
     if not groups:
         return []
-    ranges = _channel_ranges(gm, batches, {node for group in groups for node in group.tensors})
+    ranges = _channel_ranges(gm, batches, {node: unwrap(get_module(gm, group.producers[0]))[0]
+                                           for group in groups for node in group.tensors})
     done = []
     for group in groups:
         if any(node not in ranges for node in group.tensors):

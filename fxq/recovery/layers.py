@@ -53,9 +53,16 @@ def is_depthwise(layer: nn.Module) -> bool:
         and layer.groups == layer.in_channels and layer.weight.shape[1] == 1
 
 
-def non_channel_dims(output: torch.Tensor) -> list[int]:
-    """Dimensions to reduce for per-channel statistics: all but dim 1 of conv outputs, the last of linear."""
-    axis = 1 if output.dim() > 2 else output.dim() - 1
+def non_channel_dims(output: torch.Tensor, layer: nn.Module | None = None) -> list[int]:
+    """Dimensions to reduce for per-channel statistics: all but dim 1 of conv outputs, the last of linear.
+
+    A linear layer's channels are its last dimension whatever its rank ((batch, tokens, features) in
+    transformers); without the layer, a rank-2 tensor is taken as linear and anything larger as conv.
+    """
+    if isinstance(layer, nn.Linear) or output.dim() <= 2:
+        axis = output.dim() - 1
+    else:
+        axis = 1
     return [d for d in range(output.dim()) if d != axis]
 
 
