@@ -90,7 +90,7 @@ def main() -> None:
         with torch.no_grad():
             logits = torch.cat([quantized(chunk) for chunk in evaluation.split(32)])
         agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
-        float_layers = sum(1 for _, why in fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
+        float_layers = len(fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
         rows.append([name + (f", {float_layers} layers float" if float_layers else ""),
                      f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%",
                      f"{batch1_latency_ratio(model, quantized, example):.2f}", f"{seconds:.1f}"])

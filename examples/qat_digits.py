@@ -40,6 +40,16 @@ def train_epoch(model, optimizer, images, labels, generator, batch_size=32) -> N
         optimizer.step()
 
 
+def train_qat(qat_model, images, labels, generator, epochs: int) -> None:
+    """The standard QAT recipe: fine-tune at a low rate, with ranges and BN statistics frozen for the last epoch."""
+    optimizer = torch.optim.Adam(qat_model.parameters(), lr=3e-4)
+    for epoch in range(epochs):
+        if epoch == epochs - 1:
+            fxq.freeze_observers(qat_model)
+            fxq.freeze_bn_stats(qat_model)
+        train_epoch(qat_model, optimizer, images, labels, generator)
+
+
 def accuracy(model, images, labels) -> float:
     with torch.no_grad():
         return float((model(images).argmax(1) == labels).float().mean())
@@ -66,13 +76,7 @@ def main() -> None:
     model.eval()
 
     qat_model = fxq.prepare_qat(model, train_x[:32])
-    qat_optimizer = torch.optim.Adam(qat_model.parameters(), lr=3e-4)
-    epochs = 3
-    for epoch in range(epochs):
-        if epoch == epochs - 1:
-            fxq.freeze_observers(qat_model)
-            fxq.freeze_bn_stats(qat_model)
-        train_epoch(qat_model, qat_optimizer, train_x, train_y, generator)
+    train_qat(qat_model, train_x, train_y, generator, epochs=3)
     int8_model = fxq.convert(qat_model)
 
     print(f"float accuracy: {accuracy(model, test_x, test_y):.4f}")

@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize_arguments(sensitivity, with_mode=False)
     sensitivity.set_defaults(run=run_sensitivity, mode="static")
 
-    bench = commands.add_parser("bench", help="the benchmark suite (bench/suite.py; writes bench/results.md)",
-                                add_help=False)
+    # listed for --help only: main() hands everything after `bench` to the suite unparsed
+    bench = commands.add_parser("bench", help="the benchmark suite (bench/suite.py; writes bench/results.md)")
     bench.set_defaults(run=run_bench, suite_args=[])
     return parser
 

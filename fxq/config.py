@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from fxq.errors import ConfigError
 
@@ -48,6 +48,16 @@ def _enum_value(enum_type: type[enum.Enum], value: Any, option: str) -> Any:
         valid = ", ".join(repr(member.value) for member in enum_type)
         raise ConfigError(f"{option}={value!r} is not valid; choose one of {valid}") from None
 
+
+def key_covers(keys: Iterable[Any], name: str, module: Any = None) -> bool:
+    """Whether a keep_float / observer_overrides key covers a module: its own name, an enclosing
+    module's name (a block kept float keeps all its layers), or its class."""
+    for key in keys:
+        if isinstance(key, str) and (name == key or name.startswith(key + ".")):
+            return True
+        if isinstance(key, type) and isinstance(module, key):
+            return True
+    return False
 
 @dataclass(frozen=True)
 class QuantOptions:

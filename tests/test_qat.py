@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import fxq
-from qat_digits import DigitsNet, accuracy, digits_split, train_epoch
+from qat_digits import DigitsNet, accuracy, digits_split, train_epoch, train_qat
 from helpers import assert_state_unchanged, state_snapshot
 
 FLOAT_EPOCHS = 6
@@ -37,12 +37,7 @@ def test_qat_int8_accuracy_within_one_point_of_float(digits):
     qat_model = fxq.prepare_qat(model, train_x[:32])
     assert_state_unchanged(model, snapshot)
     assert not model.training
-    qat_optimizer = torch.optim.Adam(qat_model.parameters(), lr=3e-4)
-    for epoch in range(QAT_EPOCHS):
-        if epoch == QAT_EPOCHS - 1:
-            fxq.freeze_observers(qat_model)
-            fxq.freeze_bn_stats(qat_model)
-        train_epoch(qat_model, qat_optimizer, train_x, train_y, generator)
+    train_qat(qat_model, train_x, train_y, generator, epochs=QAT_EPOCHS)
     int8_model = fxq.convert(qat_model)
     int8_accuracy = accuracy(int8_model, test_x, test_y)
     print(f"digits: float {float_accuracy:.4f}, QAT int8 {int8_accuracy:.4f}")

@@ -25,7 +25,7 @@ from torch.ao.quantization.qconfig_mapping import get_default_qat_qconfig_mappin
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx, prepare_qat_fx
 
 from fxq.backend.observers import MSEObserver, PercentileObserver
-from fxq.config import Backend, Observer, QuantOptions
+from fxq.config import Backend, Observer, QuantOptions, key_covers
 from fxq.errors import UnsupportedBackendError
 
 # torch.ao prints a deprecation notice on every prepare/convert; fxq pins the version and says so once.
@@ -138,15 +138,6 @@ def _weight_observer(per_channel: bool, seven_bit: bool = False):
     return ao_observer.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **bounds)
 
 
-def _matches(module_name: str, module: nn.Module, keys: Iterable[Any]) -> bool:
-    for key in keys:
-        if isinstance(key, str) and (module_name == key or module_name.startswith(key + ".")):
-            return True
-        if isinstance(key, type) and isinstance(module, key):
-            return True
-    return False
-
-
 def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choice: EngineChoice,
                                  keep_float: Iterable[str] = ()) -> QConfigMapping:
     """Global static qconfig plus per-layer overrides (observer choice, float layers) by module name."""
@@ -157,11 +148,11 @@ def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choi
     for name, module in gm.named_modules():
         if not name:
             continue
-        if _matches(name, module, float_keys):
+        if key_covers(float_keys, name, module):
             mapping.set_module_name(name, None)
             continue
         for key, observer_kind in options.observer_overrides.items():
-            if _matches(name, module, [key]):
+            if key_covers([key], name, module):
                 mapping.set_module_name(name, QConfig(
                     activation=_activation_observer(observer_kind, choice.reduce_range), weight=weight))
     _keep_functions_float(gm, mapping, [key for key in float_keys if isinstance(key, str)])
@@ -187,7 +178,7 @@ def _keep_functions_float(gm: fx.GraphModule, mapping: QConfigMapping, float_nam
         calls[node.target] = index + 1
         scopes = [value[0] if isinstance(value, tuple) else key
                   for key, value in (node.meta.get("nn_module_stack") or {}).items()]
-        if any(_matches(scope, None, float_names) for scope in scopes):
+        if any(key_covers(float_names, scope) for scope in scopes):
             mapping.set_module_name_object_type_order("", node.target, index, None)
 
 
@@ -286,7 +277,7 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
             observer=ao_observer.MovingAverageMinMaxObserver, quant_min=0, quant_max=255, reduce_range=False)
         mapping.set_global(QConfig(activation=activation, weight=default_fused_per_channel_wt_fake_quant))
     for name, module in model.named_modules():
-        if name and _matches(name, module, keep_float):
+        if name and key_covers(keep_float, name, module):
             mapping.set_module_name(name, None)
     with using_engine(choice.engine):
         return prepare_qat_fx(model, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
@@ -301,7 +292,7 @@ def prepare_dynamic(gm: nn.Module, example_inputs: tuple, options: QuantOptions,
         # recurrent kernels take per-tensor weights only
         mapping.set_object_type(module_type, qconfig if module_type is nn.Linear else default_dynamic_qconfig)
     for name, module in gm.named_modules():
-        if name and _matches(name, module, options.keep_float):
+        if name and key_covers(options.keep_float, name, module):
             mapping.set_module_name(name, None)
     with using_engine(choice.engine):
         return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))

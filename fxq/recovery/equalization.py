@@ -203,8 +203,7 @@ def _ceiling(gm: fx.GraphModule, producers: list[fx.Node], channels: int) -> tor
     for node in producers:
         _, clamp = unwrap(get_module(gm, node))
         if clamp is not None and clamp.bounded:
-            ceilings.append(clamp.high.detach().flatten().expand(channels) if clamp.high.numel() in (1, channels)
-                            else clamp.high.detach().flatten())
+            ceilings.append(clamp.high.detach().flatten().expand(channels))  # scalar or per channel
     return torch.stack(ceilings).amin(0) if ceilings else None
 
 

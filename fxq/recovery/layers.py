@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from fxq.calibration import Batch
+from fxq.config import key_covers
 from fxq.frontend.graph import get_module
 from fxq.frontend.rewrite import Clamp
 
@@ -24,27 +25,18 @@ def unwrap(module: nn.Module | None) -> tuple[nn.Module | None, Clamp | None]:
     return None, None
 
 
-def weighted_nodes(gm: fx.GraphModule, skip: Iterable[str | type] = ()) -> Iterator[tuple[fx.Node, nn.Module, Clamp | None]]:
-    """Weighted layers in graph order, leaving out those `skip` keeps in float (see `kept_float`)."""
-    skip = tuple(skip)
-    for node in gm.graph.nodes:
-        layer, clamp = unwrap(get_module(gm, node))
-        if layer is not None and not kept_float(str(node.target), layer, skip):
-            yield node, layer, clamp
-
-
-def kept_float(name: str, layer: nn.Module, keep_float: Sequence[str | type]) -> bool:
-    """Whether a keep_float entry covers this layer: its own name, an enclosing module's name, or its type.
+def weighted_nodes(gm: fx.GraphModule,
+                   skip: Iterable[str | type] = ()) -> Iterator[tuple[fx.Node, nn.Module, Clamp | None]]:
+    """Weighted layers in graph order, leaving out those `skip` keeps in float (keep_float keys).
 
     Recovery passes must skip such layers: bias correction would otherwise shift a float layer's bias
     to undo a rounding error it never gets.
     """
-    for key in keep_float:
-        if isinstance(key, str) and (name == key or name.startswith(key + ".")):
-            return True
-        if isinstance(key, type) and isinstance(layer, key):
-            return True
-    return False
+    skip = tuple(skip)
+    for node in gm.graph.nodes:
+        layer, clamp = unwrap(get_module(gm, node))
+        if layer is not None and not key_covers(skip, str(node.target), layer):
+            yield node, layer, clamp
 
 
 def is_depthwise(layer: nn.Module) -> bool:
