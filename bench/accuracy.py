@@ -4,22 +4,36 @@
 flow: logits SQNR over the evaluation set, top-1 agreement with float, batch-1 latency ratio against
 float eager (float and int8 timed alternately, medians after warm-up), and quantization time. fxq's
 techniques are added one at a time so each one's gain is visible. torchao PT2E and OpenVINO NNCF
-columns appear when those optional packages are installed.
+rows (bench/compare_flows.py) are measured when those optional packages are installed
+(`pip install -e '.[compare]'`) and say "not installed" otherwise.
 
-    python bench/accuracy.py [--threads 2] [--eval 256] [--markdown]
+    python bench/accuracy.py [--threads 2] [--eval 256] [--markdown] [--flows "PyTorch,torchao,nncf"]
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# torchao's row includes an inductor compile: like bench/suite.py, give inductor an empty cache directory
+# (cold-compile times) unless the caller chose one.
+FRESH_INDUCTOR_CACHE = __name__ == "__main__" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+if FRESH_INDUCTOR_CACHE:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxq-accuracy-inductor-")
+
 import argparse
 import copy
+import importlib.util
+import shutil
 import time
 import warnings
+from typing import Callable
 
 import torch
 from tabulate import tabulate
 
 import fxq
+from compare_flows import FLOWS as EXTERNAL_FLOWS
 from fxq.report.latency import cpu_name, measure_latency
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 
@@ -62,12 +76,47 @@ MIXED_FLOWS = {
 }
 
 
+def selected(name: str, patterns: list[str] | None) -> bool:
+    """Whether --flows asks for this row (case-insensitive substrings; no --flows: every row)."""
+    return patterns is None or any(pattern.lower() in name.lower() for pattern in patterns)
+
+
+def measure_row(name: str, build: Callable[[], Callable], model, evaluation, reference, example) -> list[str]:
+    """One table row: build the quantized model (timed), then SQNR, agreement and latency against float."""
+    start = time.perf_counter()
+    quantized = build()
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        logits = torch.cat([quantized(chunk) for chunk in evaluation.split(32)])
+    agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    float_layers = len(fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
+    return [name + (f", {float_layers} layers float" if float_layers else ""),
+            f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%",
+            f"{batch1_latency_ratio(model, quantized, example):.2f}", f"{seconds:.1f}"]
+
+
+def external_row(name: str, package: str, build: Callable[[], Callable], *measure_args) -> list[str]:
+    """A row of another library's flow: measured like fxq's when the package is installed, otherwise a
+    'not installed' row; a flow that raises becomes a 'failed' row so the other rows still print."""
+    if importlib.util.find_spec(package) is None:
+        return [f"{name} ({package} not installed)", "-", "-", "-", "-"]
+    try:
+        return measure_row(name, build, *measure_args)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        return [f"{name} (failed: {type(exc).__name__}: {first_line[:120]})", "-", "-", "-", "-"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision rows (minutes each)")
+    parser.add_argument("--flows", metavar="SUBSTRING[,SUBSTRING...]",
+                        type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+                        help="only the rows whose name contains one of these (case-insensitive), "
+                             "e.g. 'PyTorch,torchao,nncf' leaves out fxq's rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -77,6 +126,7 @@ def main() -> None:
     with torch.no_grad():
         reference = torch.cat([model(chunk) for chunk in evaluation.split(32)])
     example = evaluation[:1]
+    measure_args = (model, evaluation, reference, example)
 
     flows = {"PyTorch FX default (x86 qconfig mapping)": lambda: native_fx(model, calibration)}
     for name, options in {**FXQ_FLOWS, **({} if args.no_mixed else MIXED_FLOWS)}.items():
@@ -84,23 +134,14 @@ def main() -> None:
 
     rows = []
     for name, build in flows.items():
-        start = time.perf_counter()
-        quantized = build()
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            logits = torch.cat([quantized(chunk) for chunk in evaluation.split(32)])
-        agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
-        float_layers = len(fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
-        rows.append([name + (f", {float_layers} layers float" if float_layers else ""),
-                     f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%",
-                     f"{batch1_latency_ratio(model, quantized, example):.2f}", f"{seconds:.1f}"])
-        print(rows[-1], flush=True)
-
-    for package in ("torchao", "nncf"):
-        try:
-            __import__(package)
-        except ImportError:
-            rows.append([f"{package} (not installed)", "-", "-", "-", "-"])
+        if selected(name, args.flows):
+            rows.append(measure_row(name, build, *measure_args))
+            print(rows[-1], flush=True)
+    for name, (package, flow) in EXTERNAL_FLOWS.items():
+        if selected(name, args.flows):
+            rows.append(external_row(name, package, lambda flow=flow: flow(model, calibration, example),
+                                     *measure_args))
+            print(rows[-1], flush=True)
 
     headers = ["flow", "logits SQNR dB", "top-1 agreement", "int8/float latency (batch 1)", "quantize s"]
     print(f"\nMobileNetV2 (ImageNet weights), {args.eval} eval crops, 64 calibration crops; CPU: "
@@ -109,4 +150,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        if FRESH_INDUCTOR_CACHE:
+            shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
