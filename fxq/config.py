@@ -74,6 +74,7 @@ class QuantOptions:
     reduce_range: bool | None = None
     per_channel_weights: bool = True
     equalize: bool = True
+    # Per-layer bias correction on the float simulation of the int8 model, with quantized upstream inputs.
     bias_correction: bool = True
     # Error-compensated (GPTQ-style) int8 weight rounding instead of round-to-nearest.
     optimize_rounding: bool = True

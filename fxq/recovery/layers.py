@@ -80,3 +80,24 @@ def run_with_hooks(model: nn.Module, batches: Sequence[Batch], modules: dict[str
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    layer, _ = unwrap(model.get_submodule(name))
+    if layer is None:
+        raise KeyError(f"{name} is not a conv/linear layer or a fused container of one")
+    return layer
+
+
+@torch.no_grad()
+def set_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Overwrite the weights of the named layers (plain or fused; float, observed or simulated)."""
+    for name, values in weights.items():
+        _layer(model, name).weight.copy_(values)
+
+
+@torch.no_grad()
+def copy_biases(source: nn.Module, target: nn.Module, names: Iterable[str]) -> None:
+    """Copy the named layers' biases from `source` to the same layers of `target`."""
+    for name in names:
+        _layer(target, name).bias.copy_(_layer(source, name).bias)
