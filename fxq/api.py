@@ -29,10 +29,10 @@ from fxq.frontend.patterns import FoundPattern, find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import FloatLeaf, find_regions, trace_model
 from fxq.kernel_choice import convert_on_most_faithful_engine
-from fxq.recovery.bias_correction import correct_biases
 from fxq.recovery.equalization import equalize
-from fxq.recovery.layers import copy_biases, set_weights
+from fxq.recovery.layers import copy_biases
 from fxq.recovery.rounding import optimize_rounding
+from fxq.recovery.simulation_pass import recover_on_simulation
 from fxq.summary import QuantizationSummary, attach, summary_of
 from fxq.validate import as_example_inputs, check_model, run_example
 
@@ -287,17 +287,19 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     if opts.optimize_rounding:
         with timer.step("rounding"):
             rounded = optimize_rounding(gm, batches, opts.per_channel_weights, skip=float_keys)
-    float_gm = copy.deepcopy(gm) if opts.bias_correction else None  # the target of bias correction
+    on_simulation = opts.bias_correction or opts.optimize_rounding
+    float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
     with timer.step("prepare"):
         mapping = engine.build_static_qconfig_mapping(gm, opts, choice, keep_float=island_modules)
         prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
     with timer.step("calibrate"):
         run_batches(prepared, batches, progress=opts.progress)
-    if opts.bias_correction:
-        with timer.step("bias_correction"):
+    if on_simulation:
+        with timer.step("simulation_pass"):
             simulation = engine.convert_reference(copy.deepcopy(prepared), choice)
-            set_weights(simulation, {name: r.values for name, r in rounded.items()})
-            corrected = correct_biases(simulation, float_gm, batches, skip=float_keys)
+            rounded, corrected = recover_on_simulation(
+                simulation, float_gm, batches, rounded, refit_weights=opts.optimize_rounding,
+                correct_biases=opts.bias_correction, per_channel=opts.per_channel_weights, skip=float_keys)
             copy_biases(simulation, prepared, [c.layer for c in corrected])
     with timer.step("convert"):
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0])

@@ -10,10 +10,10 @@ import torch
 from fxq.backend.engine import fake_quantize_weight
 from fxq.frontend.rewrite import Clamp, fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import trace_model
-from fxq.recovery.bias_correction import correct_biases
 from fxq.recovery.equalization import equalize, find_groups
 from fxq.recovery.layers import weighted_nodes
 from fxq.recovery.rounding import optimize_rounding
+from fxq.recovery.simulation_pass import recover_on_simulation
 
 
 def _sqnr(reference: torch.Tensor, approximation: torch.Tensor) -> float:
@@ -107,7 +107,8 @@ def test_bias_correction_removes_mean_shift_left_by_upstream_quantization(simula
     with torch.no_grad():
         reference = mobilenet(eval_crops)
         before_db = _sqnr(reference, simulation(eval_crops))
-    corrections = correct_biases(simulation, float_gm, batches)
+    _, corrections = recover_on_simulation(simulation, float_gm, batches, {}, refit_weights=False,
+                                           correct_biases=True)
     after = _output_shift(float_gm, simulation, name, eval_crops[:32]).abs().mean()
     with torch.no_grad():
         after_db = _sqnr(reference, simulation(eval_crops))
@@ -167,7 +168,31 @@ def test_layers_kept_float_by_an_enclosing_name_get_no_recovery(folded, simulate
     float_gm, simulation = simulated
     simulation = copy.deepcopy(simulation)
     kept = simulation.get_submodule("features.1.conv.0.0")[0].bias.detach().clone()
-    corrections = correct_biases(simulation, float_gm, batches, skip=["features.1", torch.nn.Linear])
+    weights, corrections = recover_on_simulation(simulation, float_gm, batches, {}, refit_weights=True,
+                                                 correct_biases=True, skip=["features.1", torch.nn.Linear])
     assert not any(c.layer.startswith("features.1.") or c.layer == "classifier.1" for c in corrections)
+    assert "features.2.conv.0.0" in weights and not any(name.startswith("features.1.") for name in weights)
     assert any(c.layer == "features.2.conv.0.0" for c in corrections)
     assert torch.equal(simulation.get_submodule("features.1.conv.0.0")[0].bias, kept)
+
+
+def test_refit_on_quantized_inputs_beats_rounding_on_float_inputs(folded, simulated, batches, eval_crops, mobilenet):
+    """The simulation pass: weights refit to quantized inputs (well-determined layers only), then biases."""
+    float_gm, simulation = simulated
+    rounded = optimize_rounding(float_gm, batches)
+    scores = {}
+    for refit in (False, True):
+        model = copy.deepcopy(simulation)
+        weights, _ = recover_on_simulation(model, float_gm, batches, rounded, refit_weights=refit,
+                                           correct_biases=True)
+        with torch.no_grad():
+            scores[refit] = _sqnr(mobilenet(eval_crops), model(eval_crops))
+        refitted = {name for name in weights if weights[name] is not rounded.get(name)}
+    assert scores[True] > scores[False] + 0.5, scores
+    # early, high-resolution layers have thousands of samples per weight; the 7x7 ones too few
+    assert {"features.0.0", "features.1.conv.0.0", "features.2.conv.0.0"} <= refitted
+    assert "features.17.conv.0.0" not in refitted and "classifier.1" not in refitted
+    for name in refitted:
+        item = weights[name]
+        steps = item.values / item.scale.view((-1,) + (1,) * (item.values.dim() - 1))
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 128

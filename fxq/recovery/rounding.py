@@ -23,10 +23,13 @@ from torch import fx, nn
 from fxq.backend.engine import weight_qparams
 from fxq.calibration import Batch
 from fxq.recovery.layers import is_depthwise, run_with_hooks, weighted_nodes
+from fxq.recovery.layerwise import PairedLayer
 
 DAMPING = 0.01
 PATCH_IMAGES_PER_BATCH = 4
 MAX_COLUMNS = 1152
+# Input samples per weight a refit on quantized inputs needs (fewer: it fits calibration noise).
+MIN_SAMPLES_PER_COLUMN = 50
 
 
 @dataclass
@@ -71,6 +74,16 @@ def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return columns.unsqueeze(0)
 
 
+def _damped(hessian: torch.Tensor) -> torch.Tensor:
+    """Input second moments made safely invertible: inputs that are always zero get a unit diagonal
+    (any rounding of their weights is exact), and every diagonal grows by DAMPING of its mean."""
+    hessian = hessian.double().clone()
+    diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1)
+    diagonal[diagonal <= 0] = 1.0
+    damping = DAMPING * diagonal.mean(dim=-1, keepdim=True)
+    return hessian + torch.diag_embed(damping.expand_as(diagonal))
+
+
 def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
                    quant_min: int, quant_max: int, block: int = 128) -> torch.Tensor:
     """GPTQ over [groups, rows, K] weights with per-group [K, K] input moments and per-row scales.
@@ -79,12 +92,7 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Ten
     columns after the block in one matrix product (GPTQ's lazy batch update; same result, fewer passes).
     """
     weight = weight.clone().float()
-    hessian = hessian.double()
-    diagonal = torch.diagonal(hessian, dim1=-2, dim2=-1)
-    dead = diagonal <= 0
-    diagonal[dead] = 1.0  # inputs that are always zero: any rounding is exact, keep nearest
-    damping = DAMPING * diagonal.mean(dim=-1, keepdim=True)
-    hessian = hessian + torch.diag_embed(damping.expand_as(diagonal))
+    hessian = _damped(hessian)
     # batched linalg.inv is much faster than cholesky_inverse on many small (depthwise) systems
     upper = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True).float()
     scale = scale.float()
@@ -127,13 +135,52 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], per_channel:
             continue
         weight = layer.weight.detach()
         scale, quant_min, quant_max = weight_qparams(weight, per_channel)
-        rows = scale if scale.numel() > 1 else scale.expand(weight.shape[0])
-        if is_depthwise(layer):
-            grouped = weight.reshape(weight.shape[0], 1, -1)
-            row_scale = rows.reshape(-1, 1)
-        else:
-            grouped = weight.reshape(1, weight.shape[0], -1)
-            row_scale = rows.reshape(1, -1)
+        grouped, row_scale = _grouped(layer, weight, scale)
         values = _round_columns(grouped, moments[name], row_scale, quant_min, quant_max)
         rounded[name] = RoundedWeight(values.reshape(weight.shape), scale, quant_min, quant_max)
     return rounded
+
+
+def _grouped(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight as [groups, rows, K] (one group per channel for depthwise convs) and its row scales."""
+    rows = scale if scale.numel() > 1 else scale.expand(weight.shape[0])
+    if is_depthwise(layer):
+        return weight.reshape(weight.shape[0], 1, -1), rows.reshape(-1, 1)
+    return weight.reshape(1, weight.shape[0], -1), rows.reshape(1, -1)
+
+
+@torch.no_grad()
+def refit_on_quantized_inputs(pair: PairedLayer, per_channel: bool = True) -> RoundedWeight | None:
+    """Int8 weights for a layer of the simulation whose inputs carry upstream quantization error.
+
+    The float layer computes W x on float inputs x; the simulated one sees x_q. The least-squares
+    weights for x_q are W + W (x - x_q) x_q^T (x_q x_q^T + damping)^-1, which are then rounded with
+    the GPTQ update on x_q's second moment, so the int8 layer undoes the part of its inputs' error that
+    is correlated with them. The refit is installed in the simulation, so later layers see it.
+
+    It needs many input samples per weight (MIN_SAMPLES_PER_COLUMN). On ImageNet MobileNetV2 (64
+    calibration crops, logits SQNR on 256 held-out crops), refitting the layers with at least 50 samples
+    per weight raised the default from 17.8 to 19.1 dB; thresholds from 20 to 150 all gave 18.9-19.1 dB,
+    500 gave 18.2 dB, and refitting every layer (the 7x7 ones have 3 to 20 samples per weight) fitted
+    the calibration images' noise and lost about 2 dB.
+    """
+    layer = pair.float_layer
+    if not supports(layer):
+        return None
+    moment, cross, samples = 0, 0, 0
+    for simulated_x, float_x in zip(pair.simulated_inputs, pair.float_inputs):
+        quantized = _patches(layer, simulated_x)
+        error = _patches(layer, float_x) - quantized
+        moment = moment + (quantized @ quantized.transpose(1, 2)).double()
+        cross = cross + (error @ quantized.transpose(1, 2)).double()
+        samples += quantized.shape[-1]
+    if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):
+        return None
+    weight = layer.weight.detach()
+    scale, quant_min, quant_max = weight_qparams(weight, per_channel)
+    grouped, row_scale = _grouped(layer, weight, scale)
+    correction = torch.linalg.solve(_damped(moment), (grouped.double() @ cross).transpose(1, 2)).transpose(1, 2)
+    values = _round_columns((grouped.double() + correction).float(), moment, row_scale, quant_min, quant_max)
+    values = values.reshape(weight.shape)
+    pair.simulated.weight.copy_(values)
+    return RoundedWeight(values, scale, quant_min, quant_max)

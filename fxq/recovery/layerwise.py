@@ -1,0 +1,119 @@
+"""Walk the float simulation of the int8 model and the float model side by side, one layer at a time.
+
+Corrections that should see quantized upstream inputs (bias correction, refitting weights) need, at
+each layer, its input in the simulation (torch.ao's reference model: quantize/dequantize pairs and
+on-grid weights) and in the float model, for the same calibration images, after every earlier layer
+was corrected. Both graphs are therefore interpreted node by node over all calibration batches at
+once, and paused before each weighted layer, where the caller may change the simulated layer before
+it runs on every batch.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from fxq.calibration import Batch
+from fxq.config import key_covers
+from fxq.frontend.graph import get_module
+from fxq.frontend.rewrite import Clamp
+from fxq.recovery.layers import channel_axis_shape, unwrap
+
+# Samples held at once: every image's activations at the current layer, in both graphs.
+MAX_SAMPLES = 64
+
+
+@dataclass
+class PairedLayer:
+    """One weighted layer of the simulation, with the float model's counterpart and both inputs."""
+
+    name: str
+    simulated: nn.Module  # the simulation's conv/linear (weights fake-quantized when it runs)
+    float_layer: nn.Module
+    clamp: Clamp | None  # the fused activation after both
+    simulated_inputs: list[torch.Tensor]  # one per calibration batch
+    float_inputs: list[torch.Tensor]
+
+    def linear_region(self, float_output: torch.Tensor) -> torch.Tensor:
+        """Where the fused clamp passes the float output through unchanged (errors elsewhere are cut off)."""
+        if self.clamp is None:
+            return torch.ones_like(float_output, dtype=torch.bool)
+        inside = float_output > self.clamp.low
+        if self.clamp.bounded:
+            high = self.clamp.high
+            if high.numel() > 1:
+                high = high.reshape(channel_axis_shape(self.float_layer, high.numel()))
+            inside &= float_output < high
+        return inside
+
+
+def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values no later node reads (so the walk can free them)."""
+    seen: set[fx.Node] = set()
+    last: dict[fx.Node, list[fx.Node]] = {node: [] for node in gm.graph.nodes}
+    for node in reversed(gm.graph.nodes):
+        for source in node.all_input_nodes:
+            if source not in seen:
+                seen.add(source)
+                last[node].append(source)
+    return last
+
+
+def _layer_major(gm: fx.GraphModule, batches: Sequence[Batch]) -> Iterator[tuple[fx.Node, list[torch.Tensor]]]:
+    """Run `gm` node by node over all batches, yielding (weighted node, its input per batch) before
+    the node runs."""
+    runners = []
+    for batch in batches:
+        runner = fx.Interpreter(gm)
+        runner.args_iter = iter(batch)
+        runner.env = {}
+        runners.append(runner)
+    last_uses = _last_uses(gm)
+    for node in gm.graph.nodes:
+        if unwrap(get_module(gm, node))[0] is not None:
+            yield node, [runner.env[node.args[0]] for runner in runners]
+        for runner in runners:
+            runner.env[node] = runner.run_node(node)
+            for dead in last_uses[node]:
+                del runner.env[dead]
+
+
+def _first_samples(batches: Sequence[Batch], limit: int) -> list[Batch]:
+    """Leading batches holding at most `limit` samples (at least one batch)."""
+    chosen, samples = [], 0
+    for batch in batches:
+        size = batch[0].shape[0] if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 1
+        if chosen and samples + size > limit:
+            break
+        chosen.append(batch)
+        samples += size
+    return chosen
+
+
+def paired_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches: Sequence[Batch],
+                  skip: Iterable[str | type] = ()) -> Iterator[PairedLayer]:
+    """The simulation's quantized layers in graph order, each paired with the float model's.
+
+    `float_gm` is the float graph the simulation was prepared from (same module names). Layers `skip`
+    keeps in float and layers called more than once are passed over; a layer the float graph lacks
+    ends the walk, since nothing after it can be paired. Run it under torch.no_grad().
+    """
+    skip = tuple(skip)
+    batches = _first_samples(batches, MAX_SAMPLES)
+    calls = Counter(str(node.target) for node in simulation.graph.nodes if node.op == "call_module")
+    float_walk = _layer_major(float_gm, batches)
+    for node, simulated_inputs in _layer_major(simulation, batches):
+        name = str(node.target)
+        for float_node, float_inputs in float_walk:
+            if str(float_node.target) == name:
+                break
+        else:
+            return
+        simulated, _ = unwrap(get_module(simulation, node))
+        float_layer, clamp = unwrap(get_module(float_gm, float_node))
+        if calls[name] == 1 and not key_covers(skip, name, float_layer):
+            yield PairedLayer(name, simulated, float_layer, clamp, simulated_inputs, float_inputs)
