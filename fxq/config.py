@@ -81,7 +81,8 @@ class QuantOptions:
     # Leave ops in float where int8 would cost more time than it saves, quantize/dequantize included
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True
-    # Keep the fewest layers in float that reach this end-to-end SQNR (accuracy-targeted mixed precision).
+    # Keep the fewest blocks in float that reach this end-to-end SQNR (accuracy-targeted mixed precision),
+    # measured on held-out calibration batches (fxq/recovery/mixed_precision.py).
     target_sqnr_db: float | None = None
     # Or for the user's metric: eval_fn(model) -> score (higher is better); the int8 model may score at
     # most max_drop below the float model.

@@ -392,6 +392,69 @@ def test_float_units_group_layers_into_blocks_ranked_by_noise(planted_report):
     assert units[1].noise == pytest.approx(10 ** -2.5 + 10 ** -3.0)
 
 
+def test_float_units_ranked_by_noise_per_microsecond_when_costs_are_given(planted_report):
+    base = planted_report.layers[0]
+    layers = [dataclasses.replace(base, name=name, solo_sqnr_db=solo_db)
+              for name, solo_db in (("wide", 20.0), ("narrow", 23.0), ("free", 40.0))]
+    by_noise = float_units(layers)
+    assert [unit.name for unit in by_noise] == ["wide", "narrow", "free"]
+    assert all(unit.cost_us is None for unit in by_noise)
+    # wide removes 2x the noise of narrow at 10x the cost; a unit estimated faster in float counts as 10 us
+    by_cost = float_units(layers, {"wide": 1000.0, "narrow": 100.0, "free": -50.0})
+    assert [unit.name for unit in by_cost] == ["narrow", "wide", "free"]
+    assert [unit.cost_us for unit in by_cost] == [100.0, 1000.0, -50.0]
+
+
+class TwoResolutions(nn.Module):
+    """stem -> `wide` block at 64x64 -> 2x2 average pool -> `narrow` block at 32x32 -> head.
+
+    Both blocks carry planted weight outliers (see `Planted`); wide's are larger, so by solo noise alone it
+    ranks first, but in float it costs the island cost model ~5x narrow's time (4x the pixels).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU())
+        self.wide = nn.Sequential(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), nn.Conv2d(32, 32, 1))
+        self.pool = nn.AvgPool2d(2)
+        self.narrow = nn.Sequential(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), nn.Conv2d(32, 32, 1))
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.narrow(self.pool(self.wide(self.stem(x)))))
+
+
+def two_resolutions_model() -> TwoResolutions:
+    torch.manual_seed(0)
+    model = TwoResolutions().eval()
+    with torch.no_grad():
+        for producer, consumer, outlier_scale in ((model.stem[0], model.wide[0][0], 1.5 * OUTLIER_SCALE),
+                                                  (model.wide[1], model.narrow[0][0], OUTLIER_SCALE)):
+            producer.weight[1], producer.bias[1] = producer.weight[0], producer.bias[0]
+            big = outlier_scale * consumer.weight.abs().max()
+            consumer.weight[:, 0, 1, 1], consumer.weight[:, 1, 1, 1] = big, -big
+    return model
+
+
+def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(photo_batches):
+    calibration, evaluation = photo_batches
+    report = sensitivity(two_resolutions_model(), calibration[0][:1], calibration_data=calibration,
+                         eval_data=evaluation, equalize=False)
+    by_noise = [unit.name for unit in float_units([layer for layer in report.layers])]
+    assert by_noise.index("wide") < by_noise.index("narrow")  # the old ranking would keep wide float first
+    units = {unit.name: unit for unit in report.float_units()}
+    assert units["wide"].cost_us > 3 * units["narrow"].cost_us > 0
+    ranked = list(units)
+    assert ranked.index("narrow") < ranked.index("wide")
+    # keeping either block float reaches the target; the cheaper one is chosen
+    target = report.end_to_end_sqnr_db + 1.5
+    assert report.recommend(target) == ["narrow"]
+    recommendation = report.recommendation
+    assert recommendation.verified_sqnr_db >= target
+    assert recommendation.float_cost_us < units["wide"].cost_us
+    assert recommendation.to_dict()["float_cost_us"] == pytest.approx(recommendation.float_cost_us, abs=0.1)
+
+
 def test_metric_target_keeps_the_planted_layer_float(photo_batches, planted_report):
     from fxq.recovery.mixed_precision import quantize_to_metric
 
@@ -437,3 +500,33 @@ def test_quantize_with_eval_fn_and_max_drop(photo_batches):
     summary = summary_of(quantized)
     assert any("eval_fn" in why for _, why in summary.float_layers)
     assert summary.options["eval_fn"] == "<lambda>" and summary.options["max_drop"] > 0
+
+
+def test_held_out_split_keeps_the_last_quarter_for_verification():
+    from fxq.recovery.mixed_precision import held_out_split
+
+    batches = [(torch.full((1,), float(index)),) for index in range(8)]
+    fit, held_out = held_out_split(batches)
+    assert fit == batches[:6] and held_out == batches[6:]
+    assert held_out_split(batches[:3]) == (batches[:2], batches[2:3])
+    only = batches[:1]
+    assert held_out_split(only) == (only, only)
+
+
+def test_quantize_to_target_verifies_on_held_out_batches_and_calibrates_on_all(photo_batches):
+    calibration, evaluation = photo_batches
+    batches = list(torch.cat(calibration).split(4))  # 4 batches: 3 to calibrate the trials, 1 to verify
+    model = planted_model()
+    quantized = quantize(model, calibration[0][:1], calibration_data=batches, target_sqnr_db=30.0,
+                         **PLANTED_OPTIONS)
+    summary = summary_of(quantized)
+    (note,) = [note for note in summary.notes if note.startswith("target_sqnr_db=30")]
+    assert "on 1 held-out calibration batch(es), calibrated on the other 3" in note
+    assert "mid.0" in summary.options["keep_float"]
+    assert not is_quantized_module(quantized.get_submodule("mid.0"))
+    # the returned model was calibrated on all four batches: its ranges cover the held-out batch too
+    stats = ErrorStats()
+    with torch.no_grad():
+        for batch in evaluation:
+            stats.update(model(batch), quantized(batch))
+    assert stats.sqnr_db > 27.0

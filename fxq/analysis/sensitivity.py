@@ -2,7 +2,7 @@
 
     report = fxq.sensitivity(model, example_inputs, calibration_data=batches)
     print(report)                       # ranked by impact on the output
-    report.recommend(target_sqnr_db=30) # layers to keep in float, verified end to end
+    report.recommend(target_sqnr_db=30) # blocks to keep in float, cheapest noise first, verified end to end
 
 The int8 model is `fxq.quantize`'s own. The float reference is the graph `fxq.quantize` quantized:
 traced, BatchNorm folded, clamps fused and channels equalized, which computes the model's function with
@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -79,11 +79,13 @@ class Recommendation:
     verified_sqnr_db: float
     attempts: list[tuple[int, float]] = field(default_factory=list)  # (units in float, measured SQNR)
     model: nn.Module | None = field(default=None, repr=False)  # the verified mixed-precision model
+    float_cost_us: float = 0.0  # estimated batch-1 latency the kept units add over all int8 (cost model)
 
     def to_dict(self) -> dict[str, Any]:
         return {"target_sqnr_db": self.target_sqnr_db, "keep_float": list(self.keep_float),
                 "verified_sqnr_db": _finite(self.verified_sqnr_db),
-                "attempts": [[count, _finite(value)] for count, value in self.attempts]}
+                "attempts": [[count, _finite(value)] for count, value in self.attempts],
+                "float_cost_us": round(self.float_cost_us, 1)}
 
 
 @dataclass
@@ -96,6 +98,8 @@ class _Inputs:
     eval_batches: list[Batch]
     quantize_options: dict[str, Any]
     reference_outputs: list[list[torch.Tensor]]
+    float_graph: fx.GraphModule  # the float reference, for the latency cost model of float units
+    engine: str
 
 
 class SensitivityReport:
@@ -117,6 +121,7 @@ class SensitivityReport:
         self.quantized = quantized
         self.recommendation: Recommendation | None = None
         self._inputs = inputs
+        self._units: list[FloatUnit] | None = None
 
     def __repr__(self) -> str:
         return (f"SensitivityReport({len(self.layers)} layers, end-to-end {self.end_to_end_sqnr_db:.1f} dB, "
@@ -132,6 +137,28 @@ class SensitivityReport:
     def ranked(self) -> list[LayerSensitivity]:
         """Layers by impact on the output, largest first (lowest solo SQNR)."""
         return sorted(self.layers, key=lambda layer: layer.impact_rank)
+
+    def float_units(self) -> list[FloatUnit]:
+        """The blocks `recommend` may keep float, by solo noise per estimated microsecond of float cost.
+
+        Costs come from the float-island cost model (`float_unit_costs`) when the report carries its
+        model and data; otherwise the units are ranked by solo noise alone.
+        """
+        if self._units is None:
+            measured = [layer for layer in self.layers if layer.solo_sqnr_db is not None]
+            cost_us = None
+            if self._inputs is not None:
+                from fxq.recovery.mixed_precision import float_unit_costs
+
+                inputs = self._inputs
+                keep_float = QuantOptions(keep_float=inputs.quantize_options.get("keep_float", ())).keep_float
+                names = [unit.name for unit in float_units(measured)]
+                start = time.perf_counter()
+                cost_us = float_unit_costs(inputs.float_graph, inputs.example_inputs, names, inputs.engine,
+                                           keep_float)
+                self.timings_s["unit_costs"] = round(time.perf_counter() - start, 3)
+            self._units = float_units(measured, cost_us)
+        return self._units
 
     def _table(self, tablefmt: str) -> str:
         from tabulate import tabulate
@@ -199,15 +226,19 @@ class SensitivityReport:
     def recommend(self, target_sqnr_db: float, *, max_verifications: int = 7) -> list[str]:
         """Layers to keep in float so the int8 model reaches `target_sqnr_db` end to end (on the eval data).
 
-        Layers are taken greedily by solo impact, a block at a time (see `float_units`): a layer kept in
-        float alone still reads a quantized input and writes a quantized output, so most of the
-        activation error stays. How many is predicted from their solo noise powers, then
+        Layers are taken a block at a time (see `float_units`): a layer kept in float alone still reads a
+        quantized input and writes a quantized output, so most of the activation error stays. Blocks
+        come in the order of `self.float_units()`, most solo noise per microsecond of estimated float
+        cost first, so that the target is met with a fast model (a float block at high resolution costs
+        several times one at low resolution). How many is predicted from their solo noise powers, then
         checked by `fxq.quantize(..., keep_float=names)` and measured; while the measured SQNR falls short,
         more blocks are added from the ranking. Solo noises do not simply add up (errors interact, and a
         float layer still reads int8 inputs), so each new prediction is scaled by the share of the chosen
         layers' solo noise that keeping them in float actually removed; an overshoot is then narrowed by
-        bisection. The result and the attempts are kept in
-        `self.recommendation` (with the verified model).
+        bisection. A cheap block ranked early may turn out unneeded once the costly ones are float (a
+        layer refit to compensate an upstream layer's error shows that error as solo noise of its own),
+        so the verifications left try leaving kept blocks out, least noise per microsecond first. The
+        result and the attempts are kept in `self.recommendation` (with the verified model).
         """
         if not isinstance(target_sqnr_db, (int, float)) or not 0 < target_sqnr_db < 200:
             raise ConfigError(f"target_sqnr_db={target_sqnr_db!r} must be a positive number of dB")
@@ -218,7 +249,7 @@ class SensitivityReport:
             self.recommendation = Recommendation(target_sqnr_db, [], self.end_to_end_sqnr_db, [],
                                                  self.quantized)
             return []
-        candidates = float_units([layer for layer in self.layers if layer.solo_sqnr_db is not None])
+        candidates = self.float_units()
         goal, all_int8 = _noise(target_sqnr_db), _noise(self.end_to_end_sqnr_db)
         noise, efficiency, count = all_int8, 1.0, 0
         attempts: list[tuple[int, float]] = []
@@ -250,8 +281,20 @@ class SensitivityReport:
                 high, model, measured = middle, trial_model, trial
             else:
                 low = middle
-        names = [unit.name for unit in candidates[:high]]
-        self.recommendation = Recommendation(target_sqnr_db, names, measured, attempts, model)
+        kept = list(candidates[:high])
+        if high - low == 1:  # the last kept unit is known to be needed; the others may not be
+            for unit in reversed(kept[:-1]):
+                if len(attempts) >= max_verifications:
+                    break
+                trial_names = [other.name for other in kept if other is not unit]
+                trial_model, trial = self._measure_with_float(trial_names)
+                attempts.append((len(trial_names), trial))
+                if trial >= target_sqnr_db:
+                    kept.remove(unit)
+                    model, measured = trial_model, trial
+        names = [unit.name for unit in kept]
+        self.recommendation = Recommendation(target_sqnr_db, names, measured, attempts, model,
+                                             sum(unit.cost_us or 0.0 for unit in kept))
         return names
 
     def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
@@ -286,13 +329,21 @@ class FloatUnit:
     name: str
     layers: tuple[str, ...]
     noise: float  # sum of the layers' solo noise powers (relative to the output's power)
+    cost_us: float | None = None  # estimated batch-1 latency keeping it float adds (None: not estimated)
 
 
-def float_units(layers: Sequence[LayerSensitivity]) -> list[FloatUnit]:
-    """Group layers into the largest enclosing modules of 2..MAX_UNIT_LAYERS quantized layers, by impact.
+# A unit estimated to cost less than this (us) counts as costing this much when ranked: the cost model is
+# good to tens of microseconds, and a unit whose float version is estimated faster is not free of error.
+MIN_UNIT_COST_US = 10.0
+
+
+def float_units(layers: Sequence[LayerSensitivity], cost_us: Mapping[str, float] | None = None) -> list[FloatUnit]:
+    """Group layers into the largest enclosing modules of 2..MAX_UNIT_LAYERS quantized layers, and rank them.
 
     Keeping a whole block float also keeps float the activations between its layers and its residual
-    add; a layer without such a block is its own unit. Units are ranked by summed solo noise, largest first.
+    add; a layer without such a block is its own unit. Without `cost_us` (unit name -> estimated latency
+    keeping it float adds), units are ranked by summed solo noise, largest first; with it, by noise per
+    microsecond, so that cheap blocks come before expensive ones that remove little more noise.
     """
     names = [layer.name for layer in layers]
 
@@ -305,9 +356,12 @@ def float_units(layers: Sequence[LayerSensitivity]) -> list[FloatUnit]:
         prefixes = (".".join(parts[:end]) for end in range(1, len(parts)))
         unit = next((prefix for prefix in prefixes if 2 <= inside(prefix) <= MAX_UNIT_LAYERS), layer.name)
         members.setdefault(unit, []).append(layer)
-    units = [FloatUnit(name, tuple(layer.name for layer in group), sum(_noise(l.solo_sqnr_db) for l in group))
+    units = [FloatUnit(name, tuple(layer.name for layer in group), sum(_noise(l.solo_sqnr_db) for l in group),
+                       None if cost_us is None else cost_us[name])
              for name, group in members.items()]
-    return sorted(units, key=lambda unit: -unit.noise)
+    if cost_us is None:
+        return sorted(units, key=lambda unit: -unit.noise)
+    return sorted(units, key=lambda unit: -unit.noise / max(unit.cost_us, MIN_UNIT_COST_US))
 
 
 def _units_to_cover(ranked: Sequence[FloatUnit], noise_to_remove: float) -> int:
@@ -500,7 +554,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
     timings.update(shadow.seconds)
     rows = [_row(pair, index, shadow.layers[pair.name], patterns.get(pair.name)) for index, pair in enumerate(pairs)]
     inputs = _Inputs(model, example_inputs, calibration_batches, eval_batches, dict(quantize_options),
-                     shadow.reference_outputs)
+                     shadow.reference_outputs, reference, summary.engine)
     report = SensitivityReport(_rank(rows), shadow.end_to_end.sqnr_db, summary.engine, summary.options,
                                len(eval_batches), timings, quantized, inputs)
     if target_sqnr_db is not None:
