@@ -59,6 +59,14 @@ def key_covers(keys: Iterable[Any], name: str, module: Any = None) -> bool:
             return True
     return False
 
+
+def with_float(options: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """`fxq.quantize` keyword arguments `options` with `names` kept float on top of the user's keep_float
+    (one name, one class or a sequence of them, normalized as QuantOptions does)."""
+    return dict(options, keep_float=QuantOptions(keep_float=options.get("keep_float", ())).keep_float
+                + tuple(names))
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """Every knob of a quantization run. Defaults are what fxq recommends; change them per model."""

@@ -33,7 +33,7 @@ from fxq.analysis.shadow import LayerErrors, LayerPair, output_tensors, pair_lay
 from fxq.api import quantize
 from fxq.backend.engine import is_weighted_quantized_module, using_engine, weight_qparams
 from fxq.calibration import Batch, materialize
-from fxq.config import Mode, QuantOptions
+from fxq.config import Mode, QuantOptions, with_float
 from fxq.errors import ConfigError, FxqError, InputError, TraceError
 from fxq.frontend.patterns import find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
@@ -299,11 +299,8 @@ class SensitivityReport:
 
     def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
         inputs = self._inputs
-        options = dict(inputs.quantize_options)
-        options["keep_float"] = tuple(QuantOptions(keep_float=options.get("keep_float", ())).keep_float) \
-            + tuple(names)
         model = quantize(inputs.model, inputs.example_inputs, calibration_data=inputs.calibration_batches,
-                         **options)
+                         **with_float(inputs.quantize_options, names))
         stats = ErrorStats()
         with using_engine(summary_of(model).engine), torch.no_grad():
             for batch, references in zip(inputs.eval_batches, inputs.reference_outputs):

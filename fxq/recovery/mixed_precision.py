@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from fxq.backend.engine import quantizes_op
 from fxq.calibration import Batch
-from fxq.config import QuantOptions, key_covers
+from fxq.config import key_covers, with_float
 from fxq.frontend.islands import find_float_islands
 from fxq.summary import summary_of
 
@@ -77,10 +77,8 @@ def quantize_to_target(model: nn.Module, example_inputs: Batch, batches: Sequenc
     if held_out is fit:
         quantized, where = recommendation.model, "on its only calibration batch (nothing to hold out)"
     else:
-        options = dict(quantize_options)
-        options["keep_float"] = tuple(QuantOptions(keep_float=options.get("keep_float", ())).keep_float) \
-            + tuple(kept)
-        quantized = quantize(model, example_inputs, calibration_data=batches, **options)
+        quantized = quantize(model, example_inputs, calibration_data=batches,
+                             **with_float(quantize_options, kept))
         where = (f"on {len(held_out)} held-out calibration batch(es), calibrated on the other {len(fit)}; "
                  f"this model is then calibrated on all {len(batches)}")
     summary = summary_of(quantized)
@@ -119,9 +117,8 @@ def quantize_to_metric(model: nn.Module, example_inputs: Batch, batches: Sequenc
 
     def score_with(count: int) -> bool:
         if count not in scores:
-            options = dict(quantize_options, keep_float=tuple(quantize_options.get("keep_float", ()))
-                           + tuple(unit.name for unit in units[:count]))
-            models[count] = quantize(model, example_inputs, calibration_data=batches, **options)
+            models[count] = quantize(model, example_inputs, calibration_data=batches,
+                                     **with_float(quantize_options, [unit.name for unit in units[:count]]))
             scores[count] = float(eval_fn(models[count]))
         return float_score - scores[count] <= max_drop
 
