@@ -8,6 +8,7 @@ rows (bench/compare_flows.py) are measured when those optional packages are inst
 (`pip install -e '.[compare]'`) and say "not installed" otherwise.
 
     python bench/accuracy.py [--threads 2] [--eval 256] [--markdown] [--flows "PyTorch,torchao,nncf"]
+                             [--calibration-seed 1 --eval-seed 2]  (other crops of the same photographs)
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=256)
+    parser.add_argument("--calibration-seed", type=int, default=1)
+    parser.add_argument("--eval-seed", type=int, default=2)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision rows (minutes each)")
     parser.add_argument("--flows", metavar="SUBSTRING[,SUBSTRING...]",
@@ -121,8 +124,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = pretrained_mobilenet_v2()
-    calibration = list(random_crops(64, seed=1).split(16))
-    evaluation = random_crops(args.eval, seed=2)
+    calibration = list(random_crops(64, seed=args.calibration_seed).split(16))
+    evaluation = random_crops(args.eval, seed=args.eval_seed)
     with torch.no_grad():
         reference = torch.cat([model(chunk) for chunk in evaluation.split(32)])
     example = evaluation[:1]
@@ -144,7 +147,8 @@ def main() -> None:
             print(rows[-1], flush=True)
 
     headers = ["flow", "logits SQNR dB", "top-1 agreement", "int8/float latency (batch 1)", "quantize s"]
-    print(f"\nMobileNetV2 (ImageNet weights), {args.eval} eval crops, 64 calibration crops; CPU: "
+    print(f"\nMobileNetV2 (ImageNet weights), {args.eval} eval crops (seed {args.eval_seed}), 64 calibration crops "
+          f"(seed {args.calibration_seed}); CPU: "
           f"{cpu_name()}, threads={torch.get_num_threads()}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers, tablefmt="github" if args.markdown else "simple"))
 

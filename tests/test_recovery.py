@@ -12,7 +12,9 @@ from fxq.frontend.rewrite import Clamp, fold_batchnorm, fuse_clamping_activation
 from fxq.frontend.trace import trace_model
 from fxq.recovery.equalization import equalize, find_groups
 from fxq.recovery.layers import weighted_nodes
-from fxq.recovery.rounding import optimize_rounding
+from fxq.recovery import rounding
+from fxq.recovery.layerwise import PairedLayer
+from fxq.recovery.rounding import optimize_rounding, refit_on_quantized_inputs
 from fxq.recovery.simulation_pass import recover_on_simulation
 
 
@@ -196,3 +198,42 @@ def test_refit_on_quantized_inputs_beats_rounding_on_float_inputs(folded, simula
         item = weights[name]
         steps = item.values / item.scale.view((-1,) + (1,) * (item.values.dim() - 1))
         assert torch.allclose(steps, steps.round(), atol=1e-3) and steps.abs().max() <= 128
+
+
+def test_held_out_shrinkage_keeps_a_real_correction_and_drops_one_the_clamp_cuts_off():
+    """A layer whose quantized inputs gain 25%: the refit undoes it in full on the rows whose outputs pass
+    the clamp, and leaves alone a row the clamp always cuts off (its error costs nothing)."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 3)
+    with torch.no_grad():
+        layer.bias[2] = -100.0
+    float_inputs = [torch.randn(2000, 8) for _ in range(4)]
+    pair = PairedLayer("layer", copy.deepcopy(layer), layer, Clamp(0.0, float("inf")),
+                       [1.25 * x for x in float_inputs], float_inputs)
+    weight = layer.weight.detach()
+    scale = rounding.weight_qparams(weight, True)[0]
+    grouped, _ = rounding._grouped(layer, weight, scale)
+    chunks = rounding._chunks(pair)
+    moments, crosses, _ = rounding._fold_moments(layer, chunks)
+    assert len(moments) == 4
+    shrinkage = rounding._held_out_shrinkage(pair, chunks, grouped.double(), moments, crosses).flatten()
+    assert (shrinkage[:2] > 0.95).all() and shrinkage[2] == 0, shrinkage
+    refit = refit_on_quantized_inputs(pair)
+    target = weight / 1.25
+    assert (refit.values[:2] - target[:2]).norm() < 0.1 * (weight[:2] - target[:2]).norm()
+    assert (refit.values[2] - weight[2]).abs().max() <= 2 * scale[2]  # rounded, not corrected
+
+
+def test_held_out_shrinkage_beats_the_full_refit(simulated, batches, eval_crops, mobilenet, monkeypatch):
+    """Cross-validated shrinkage of each row's correction against the same refit taken in full (FOLDS=1).
+    Measured: 19.83 dB against 19.55 dB on these 64 crops (32 calibration crops, split into 4 folds)."""
+    float_gm, simulation = simulated
+    rounded = optimize_rounding(float_gm, batches)
+    scores = {}
+    for folds in (1, rounding.FOLDS):
+        monkeypatch.setattr(rounding, "FOLDS", folds)
+        model = copy.deepcopy(simulation)
+        recover_on_simulation(model, float_gm, batches, rounded, refit_weights=True, correct_biases=True)
+        with torch.no_grad():
+            scores[folds] = _sqnr(mobilenet(eval_crops), model(eval_crops))
+    assert scores[rounding.FOLDS] > scores[1] + 0.15, scores
