@@ -155,11 +155,11 @@ FOLDS = 4
 def _chunks(pair: PairedLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(simulated, float) inputs in at least FOLDS pieces where the batches allow: with fewer batches
     than folds, each batch is split along its first dimension."""
-    pieces = -(-FOLDS // len(pair.simulated_inputs))
+    pieces = -(-FOLDS // len(pair.simulated_inputs))  # ceiling division
     chunks = []
     for simulated_x, float_x in zip(pair.simulated_inputs, pair.float_inputs):
-        size = -(-simulated_x.shape[0] // pieces) if simulated_x.dim() else 1
-        chunks += list(zip(simulated_x.split(size), float_x.split(size))) if simulated_x.dim() else [(simulated_x, float_x)]
+        size = -(-simulated_x.shape[0] // pieces)
+        chunks += zip(simulated_x.split(size), float_x.split(size))
     return chunks
 
 
