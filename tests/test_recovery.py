@@ -216,7 +216,8 @@ def test_held_out_shrinkage_keeps_a_real_correction_and_drops_one_the_clamp_cuts
     chunks = rounding._chunks(pair)
     moments, crosses, _ = rounding._fold_moments(layer, chunks)
     assert len(moments) == 4
-    shrinkage = rounding._held_out_shrinkage(pair, chunks, grouped.double(), moments, crosses).flatten()
+    shrinkage = rounding._held_out_shrinkage(pair, chunks, grouped.double(), moments, crosses,
+                                             sum(moments), sum(crosses)).flatten()
     assert (shrinkage[:2] > 0.95).all() and shrinkage[2] == 0, shrinkage
     refit = refit_on_quantized_inputs(pair)
     target = weight / 1.25

@@ -193,7 +193,8 @@ def _with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 def _held_out_shrinkage(pair: PairedLayer, chunks: list[tuple[torch.Tensor, torch.Tensor]], grouped: torch.Tensor,
-                        moments: list[torch.Tensor], crosses: list[torch.Tensor]) -> torch.Tensor:
+                        moments: list[torch.Tensor], crosses: list[torch.Tensor],
+                        total_moment: torch.Tensor, total_cross: torch.Tensor) -> torch.Tensor:
     """Per output channel, the fraction (0..1) of its correction that minimizes the error on held-out folds.
 
     Each fold's correction is fitted on the other folds and scored on it, where the float output lies
@@ -205,13 +206,12 @@ def _held_out_shrinkage(pair: PairedLayer, chunks: list[tuple[torch.Tensor, torc
     """
     layer = pair.float_layer
     weight = layer.weight.detach()
-    total_moment, total_cross = sum(moments), sum(crosses)
     gain, cost = 0, 0
     for fold, (moment, cross) in enumerate(zip(moments, crosses)):
         correction = _correction(grouped, total_moment - moment, total_cross - cross).float().reshape(weight.shape)
         for simulated_x, float_x in chunks[fold::len(moments)]:
             inside = pair.linear_region(layer(float_x))
-            error = _with_weight(layer, simulated_x, weight) - _with_weight(layer, float_x, weight)
+            error = _with_weight(layer, simulated_x - float_x, weight)  # W x_q - W x, the layer being linear
             change = _with_weight(layer, simulated_x, correction)
             dims = non_channel_dims(error, layer)
             gain = gain - (error * change * inside).sum(dims).double()
@@ -251,13 +251,14 @@ def refit_on_quantized_inputs(pair: PairedLayer, per_channel: bool = True) -> Ro
     scale, quant_min, quant_max = weight_qparams(weight, per_channel)
     grouped, row_scale = _grouped(layer, weight, scale)
     grouped = grouped.double()
-    correction = _correction(grouped, sum(moments), sum(crosses))
+    total_moment, total_cross = sum(moments), sum(crosses)
+    correction = _correction(grouped, total_moment, total_cross)
     if len(moments) > 1:
-        shrinkage = _held_out_shrinkage(pair, chunks, grouped, moments, crosses)
+        shrinkage = _held_out_shrinkage(pair, chunks, grouped, moments, crosses, total_moment, total_cross)
         if not bool((shrinkage > 0).any()):
             return None
         correction = correction * shrinkage.unsqueeze(-1)
-    values = _round_columns((grouped + correction).float(), sum(moments), row_scale, quant_min, quant_max)
+    values = _round_columns((grouped + correction).float(), total_moment, row_scale, quant_min, quant_max)
     values = values.reshape(weight.shape)
     pair.simulated.weight.copy_(values)
     return RoundedWeight(values, scale, quant_min, quant_max)
