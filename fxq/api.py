@@ -176,6 +176,7 @@ def _float_ops(gm: fx.GraphModule, plan: IslandPlan | None, leaves: list[FloatLe
 def _summary(options: QuantOptions, choice: engine.EngineChoice, **fields: Any) -> QuantizationSummary:
     return QuantizationSummary(options=options.describe(), engine=choice.engine, engine_reason=choice.reason,
                                reduce_range=choice.reduce_range, kernel_saturates=choice.kernel_saturates,
+                               seven_bit_weights=choice.seven_bit_weights,
                                **fields)
 
 
@@ -286,7 +287,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     rounded = {}
     if opts.optimize_rounding:
         with timer.step("rounding"):
-            rounded = optimize_rounding(gm, batches, opts.per_channel_weights, skip=float_keys)
+            rounded = optimize_rounding(gm, batches, engine.weight_grid(opts, choice), skip=float_keys)
     on_simulation = opts.bias_correction or opts.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
     with timer.step("prepare"):
@@ -299,7 +300,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
             simulation = engine.convert_reference(copy.deepcopy(prepared), choice)
             rounded, corrected = recover_on_simulation(
                 simulation, float_gm, batches, rounded, refit_weights=opts.optimize_rounding,
-                correct_biases=opts.bias_correction, per_channel=opts.per_channel_weights, skip=float_keys)
+                correct_biases=opts.bias_correction, grid=engine.weight_grid(opts, choice), skip=float_keys)
             copy_biases(simulation, prepared, [c.layer for c in corrected])
     with timer.step("convert"):
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0])
@@ -434,6 +435,7 @@ def _quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: 
         engine_reason=first.engine_reason if first else "no region quantized",
         reduce_range=any(s.reduce_range for s in summaries.values()),
         kernel_saturates=any(s.kernel_saturates for s in summaries.values()),
+        seven_bit_weights=any(s.seven_bit_weights for s in summaries.values()),
         float_layers=_untraceable_layers(work, around)
         + [(f"{r}.{n}", why) for r, s in summaries.items() for n, why in s.float_layers],
         patterns=[f"{r}.{p}" for r, s in summaries.items() for p in s.patterns],

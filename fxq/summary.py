@@ -20,6 +20,7 @@ class QuantizationSummary:
     engine_reason: str
     reduce_range: bool
     kernel_saturates: bool
+    seven_bit_weights: bool = False
     patterns: list[str] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     # (module or node, why): layers or ops that run in float in the returned model

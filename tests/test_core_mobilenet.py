@@ -11,9 +11,10 @@ from torch import nn
 import fxq
 from helpers import sqnr
 
-# Logits SQNR (dB) the default fxq.quantize must reach on the eval crops: 16.0 dB measured with 32 calibration
-# and 64 eval crops (PyTorch's own FX default gives about 1 dB on the same model).
-MOBILENET_SQNR_FLOOR_DB = 14.0
+# Logits SQNR (dB) the default fxq.quantize must reach on the eval crops: 18.8 dB measured with 32 calibration
+# and 64 eval crops on an AMD EPYC (7-bit weights, 8-bit activations; PyTorch's own FX default gives about
+# 1 dB on the same model).
+MOBILENET_SQNR_FLOOR_DB = 16.0
 
 INT8_CONV_TYPES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 
@@ -52,3 +53,20 @@ def test_inspect_finds_conv_bn_relu6_chains(mobilenet, calibration_crops):
     assert all(len(p.nodes) == 3 for p in clamp_chains)
     assert inspection.layer_counts == {"Conv2d": 52, "Linear": 1}
     assert inspection.float_leaves == []
+
+
+def test_int8_weights_fit_a_kernel_that_does_not_saturate(quantized_mobilenet):
+    """Without VNNI, x86 int8 kernels add u8 x s8 products in int16 pairs: 8-bit activations then need
+    7-bit weights. Measured on an AMD EPYC (AVX2): the int8 model matches its float simulation at 21.2 dB
+    with 7-bit weights, 2.2 dB (x86) and 7.9 dB (onednn) with 8-bit ones."""
+    summary = fxq.summary_of(quantized_mobilenet)
+    assert summary.seven_bit_weights == (summary.kernel_saturates and not summary.reduce_range)
+    low, high = (-64, 64) if summary.seven_bit_weights else (-128, 127)
+    weighted = [m for m in quantized_mobilenet.modules()
+                if type(m).__module__.startswith(INT8_CONV_TYPES) and callable(getattr(m, "weight", None))]
+    assert len(weighted) == 53
+    for module in weighted:
+        codes = module.weight().int_repr()
+        assert codes.min() >= low and codes.max() <= high, type(module).__name__
+    if summary.engine_fidelity_db:
+        assert summary.engine_fidelity_db[summary.engine] > 15.0, summary.engine_fidelity_db

@@ -46,8 +46,9 @@ class Planted(nn.Module):
 
 # Equalization would move the planted weight range into stem's activations, and the simulation pass
 # (refit to quantized inputs, bias correction) would repair part of it: that is their job. Without them
-# the damage stays where it was planted.
-PLANTED_OPTIONS = dict(equalize=False, optimize_rounding=False, bias_correction=False)
+# the damage stays where it was planted. 7-bit activations keep 8-bit weights on every CPU (a saturating
+# kernel otherwise gets 7-bit weights: on -64..63 the plant gave -1 dB instead of 8 dB).
+PLANTED_OPTIONS = dict(equalize=False, optimize_rounding=False, bias_correction=False, reduce_range=True)
 
 
 def planted_model() -> Planted:
@@ -331,9 +332,9 @@ def test_mobilenet_lists_every_conv(mobilenet_report):
         assert rows[name].weight_sqnr_db > 25.0
     # the range ratio describes the weights the int8 model holds (after folding and equalization)
     int8_modules = dict(report.quantized.named_modules())
-    for name in convs:
-        assert rows[name].weight_range_ratio == pytest.approx(
-            channel_range_ratio(int8_modules[name].weight().dequantize()), rel=0.05)
+    for name in convs:  # the int8 grid's per-channel scales are proportional to each channel's max |w|
+        scales = int8_modules[name].weight().q_per_channel_scales()
+        assert rows[name].weight_range_ratio == pytest.approx(float(scales.max() / scales.min()), rel=1e-3)
 
 
 def test_mobilenet_last_layer_accumulated_sqnr_matches_logits(mobilenet_report):

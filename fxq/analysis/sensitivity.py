@@ -31,7 +31,7 @@ from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
 from fxq.analysis.shadow import LayerErrors, LayerPair, output_tensors, pair_layers, remove_inplace_ops, \
     run_side_by_side
 from fxq.api import quantize
-from fxq.backend.engine import is_weighted_quantized_module, using_engine, weight_qparams
+from fxq.backend.engine import WeightGrid, is_weighted_quantized_module, using_engine, weight_qparams
 from fxq.calibration import Batch, materialize
 from fxq.config import Mode, QuantOptions, with_float
 from fxq.errors import ConfigError, FxqError, InputError, TraceError
@@ -445,7 +445,7 @@ def _int8_weight(pair: LayerPair) -> torch.Tensor | None:
     return pair.int8_module.weight() if is_weighted_quantized_module(pair.int8_module) else None
 
 
-def _check_reference(pairs: Sequence[LayerPair], per_channel: bool) -> None:
+def _check_reference(pairs: Sequence[LayerPair], grid: WeightGrid) -> None:
     """Each int8 weight must sit on the grid the engine derives from the reference's float weight.
 
     The grid (per-channel scale) is a function of the float weight alone, so a reference that did not go
@@ -459,7 +459,7 @@ def _check_reference(pairs: Sequence[LayerPair], per_channel: bool) -> None:
             raise FxqError(f"{pair.name}: float reference weight {tuple(float_weight.shape)} does not match the "
                            f"int8 weight {tuple(int8_weight.shape)}; fxq.analysis.sensitivity.float_reference "
                            "no longer mirrors fxq.quantize's pipeline")
-        expected, _, _ = weight_qparams(float_weight, per_channel)
+        expected, _, _ = weight_qparams(float_weight, grid)
         if int8_weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             actual = int8_weight.q_per_channel_scales().float()
         else:
@@ -543,7 +543,7 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
                          "fxq.sensitivity reuses cached float values and cannot run them. Write them out of "
                          "place (y = x.relu() instead of x.relu_(), ReLU(inplace=False))")
     pairs = pair_layers(reference, quantized)
-    _check_reference(pairs, options.per_channel_weights)
+    _check_reference(pairs, WeightGrid(options.per_channel_weights, summary.seven_bit_weights))
     timings["float_reference"] = round(time.perf_counter() - start, 3)
 
     shadow = run_side_by_side(reference, quantized, pairs, eval_batches, summary.engine,

@@ -7,8 +7,9 @@ is pushed onto the columns not yet rounded, weighted by the inverse of the layer
 H = E[x x^T] measured on calibration data. That minimizes ||(W - W_q) x||^2 on real inputs, at the cost
 of one Cholesky factorization per layer (per channel for depthwise convs).
 
-The quantization grid (per-channel symmetric scale from the float weight) is the engine's own, so the
-values computed here are installed into the converted int8 modules unchanged.
+The quantization grid (per-channel symmetric scale from the float weight; 8-bit, or 7-bit where the
+int8 kernel would saturate: backend.engine.WeightGrid) is the engine's own, so the values computed here
+are installed into the converted int8 modules unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq.backend.engine import weight_qparams
+from fxq.backend.engine import WeightGrid, weight_qparams
 from fxq.calibration import Batch
 from fxq.recovery.layers import is_depthwise, non_channel_dims, run_with_hooks, weighted_nodes
 from fxq.recovery.layerwise import PairedLayer
@@ -114,7 +115,7 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Ten
 
 
 @torch.no_grad()
-def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], per_channel: bool = True,
+def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], grid: WeightGrid = WeightGrid(),
                       skip: Iterable[str | type] = ()) -> dict[str, RoundedWeight]:
     """Error-compensated int8 weights for every supported layer, keyed by module name.
 
@@ -134,7 +135,7 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], per_channel:
         if name not in moments:
             continue
         weight = layer.weight.detach()
-        scale, quant_min, quant_max = weight_qparams(weight, per_channel)
+        scale, quant_min, quant_max = weight_qparams(weight, grid)
         grouped, row_scale = _grouped(layer, weight, scale)
         values = _round_columns(grouped, moments[name], row_scale, quant_min, quant_max)
         rounded[name] = RoundedWeight(values.reshape(weight.shape), scale, quant_min, quant_max)
@@ -220,7 +221,7 @@ def _held_out_shrinkage(pair: PairedLayer, chunks: list[tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def refit_on_quantized_inputs(pair: PairedLayer, per_channel: bool = True) -> RoundedWeight | None:
+def refit_on_quantized_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()) -> RoundedWeight | None:
     """Int8 weights for a layer of the simulation whose inputs carry upstream quantization error.
 
     The float layer computes W x on float inputs x; the simulated one sees x_q. The least-squares
@@ -248,7 +249,7 @@ def refit_on_quantized_inputs(pair: PairedLayer, per_channel: bool = True) -> Ro
     if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):
         return None
     weight = layer.weight.detach()
-    scale, quant_min, quant_max = weight_qparams(weight, per_channel)
+    scale, quant_min, quant_max = weight_qparams(weight, grid)
     grouped, row_scale = _grouped(layer, weight, scale)
     grouped = grouped.double()
     total_moment, total_cross = sum(moments), sum(crosses)

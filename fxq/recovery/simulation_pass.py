@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import fx
 
+from fxq.backend.engine import WeightGrid
 from fxq.calibration import Batch
 from fxq.recovery.bias_correction import BiasCorrection, correct_bias
 from fxq.recovery.layers import set_weights
@@ -23,7 +24,7 @@ from fxq.recovery.rounding import RoundedWeight, refit_on_quantized_inputs
 @torch.no_grad()
 def recover_on_simulation(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches: Sequence[Batch],
                           rounded: dict[str, RoundedWeight], *, refit_weights: bool, correct_biases: bool,
-                          per_channel: bool = True, skip: Iterable[str | type] = ()
+                          grid: WeightGrid = WeightGrid(), skip: Iterable[str | type] = ()
                           ) -> tuple[dict[str, RoundedWeight], list[BiasCorrection]]:
     """Install `rounded` weights in `simulation`, then refit and bias-correct it in place, layer by layer.
 
@@ -34,7 +35,7 @@ def recover_on_simulation(simulation: fx.GraphModule, float_gm: fx.GraphModule, 
     weights, corrections = dict(rounded), []
     for pair in paired_layers(simulation, float_gm, batches, skip):
         if refit_weights:
-            refit = refit_on_quantized_inputs(pair, per_channel)
+            refit = refit_on_quantized_inputs(pair, grid)
             if refit is not None:
                 weights[pair.name] = refit
         if correct_biases:

@@ -68,6 +68,7 @@ class Structure:
     conversions: dict[str, int] = field(default_factory=dict)
     estimated_latency_us: dict[str, float] = field(default_factory=dict)
     int8_layers: int = 0  # conv/linear calls that run int8 kernels
+    seven_bit_weights: bool | None = None
 
 
 @dataclass
@@ -122,7 +123,8 @@ class Report:
                  ["float conv/linear left", len(structure.float_weight_layers)],
                  ["backend", structure.engine or "unknown (no fxq summary)"],
                  ["backend reason", structure.engine_reason or ""],
-                 ["reduce_range", "unknown" if structure.reduce_range is None else structure.reduce_range]]
+                 ["activation / weight bits", "unknown" if structure.reduce_range is None else
+                  f"{7 if structure.reduce_range else 8} / {7 if structure.seven_bit_weights else 8}"]]
                 + ([["quantize / dequantize per call",
                      f"{structure.conversions.get('quantize', 0)} / {structure.conversions.get('dequantize', 0)}"]]
                    if structure.conversions else [])
@@ -236,7 +238,7 @@ def describe_structure(quantized_model: nn.Module) -> Structure:
                      summary.reduce_range, list(summary.patterns),
                      [tuple(pair) for pair in summary.float_layers], dict(summary.options),
                      [tuple(pair) for pair in summary.float_ops], dict(summary.conversions),
-                     dict(summary.estimated_latency_us), len(layers.int8))
+                     dict(summary.estimated_latency_us), len(layers.int8), summary.seven_bit_weights)
 
 
 def report(float_model: nn.Module, quantized_model: nn.Module, example_inputs: Any, *,
