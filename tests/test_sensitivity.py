@@ -429,7 +429,7 @@ def two_resolutions_model() -> TwoResolutions:
     torch.manual_seed(0)
     model = TwoResolutions().eval()
     with torch.no_grad():
-        for producer, consumer, outlier_scale in ((model.stem[0], model.wide[0][0], 1.5 * OUTLIER_SCALE),
+        for producer, consumer, outlier_scale in ((model.stem[0], model.wide[0][0], 2 * OUTLIER_SCALE),
                                                   (model.wide[1], model.narrow[0][0], OUTLIER_SCALE)):
             producer.weight[1], producer.bias[1] = producer.weight[0], producer.bias[0]
             big = outlier_scale * consumer.weight.abs().max()
@@ -447,8 +447,9 @@ def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(p
     assert units["wide"].cost_us > 3 * units["narrow"].cost_us > 0
     ranked = list(units)
     assert ranked.index("narrow") < ranked.index("wide")
-    # keeping either block float reaches the target; the cheaper one is chosen
-    target = report.end_to_end_sqnr_db + 1.5
+    # keeping either block float reaches the target; the cheaper one is chosen. Measured (AMD EPYC, 7-bit
+    # weights): all int8 34.4 dB, narrow float 35.0 dB, wide float 36.9 dB
+    target = report.end_to_end_sqnr_db + 0.4
     assert report.recommend(target) == ["narrow"]
     recommendation = report.recommendation
     assert recommendation.verified_sqnr_db >= target

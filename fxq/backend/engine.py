@@ -145,8 +145,8 @@ def select_engine(options: QuantOptions) -> EngineChoice:
         why += "; probe: int8 conv saturates 16-bit pair sums on this CPU (no VNNI): activations are 7-bit"
     else:
         # Per-tensor activations lose more to a halved grid than per-channel, error-compensated weights:
-        # on ImageNet MobileNetV2 (AVX2, no VNNI) 7-bit activations gave 13.4 dB logits SQNR, 7-bit
-        # weights 19.5 dB. NNCF's overflow fix makes the same trade.
+        # on ImageNet MobileNetV2 (AMD EPYC, AVX2, no VNNI) 7-bit activations gave 13.4 dB logits SQNR,
+        # 7-bit weights 19.3 dB (bench/accuracy.py). NNCF's overflow fix makes the same trade.
         why += ("; probe: int8 conv saturates 16-bit pair sums on this CPU (no VNNI): weights are 7-bit "
                 "(-64..64), activations 8-bit")
     return EngineChoice(engine, reduce_range, saturates, why, seven_bit_weights=saturates and not reduce_range)
@@ -309,7 +309,8 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
                 keep_float: Iterable[Any] = (), non_traceable: Iterable[str] = ()) -> fx.GraphModule:
     """Insert fake-quant modules (with BN folding during training) into a train-mode model."""
     mapping = get_default_qat_qconfig_mapping(choice.engine)
-    if not choice.reduce_range and choice.engine in ("x86", "fbgemm"):
+    # torch's defaults for x86 and fbgemm have 7-bit activations, and none has 7-bit weights
+    if choice.seven_bit_weights or (not choice.reduce_range and choice.engine in ("x86", "fbgemm")):
         from torch.ao.quantization.fake_quantize import FusedMovingAvgObsFakeQuantize
 
         activation = FusedMovingAvgObsFakeQuantize.with_args(
@@ -482,8 +483,8 @@ def _is_weighted_int8(module: nn.Module) -> bool:
 
 
 __all__ = [
-    "EngineChoice", "WeightGrid", "weight_grid", "available_engines", "using_engine", "probe_kernel_saturation", "sums_exactly",
-    "select_engine",
+    "EngineChoice", "WeightGrid", "weight_grid", "available_engines", "using_engine", "probe_kernel_saturation",
+    "sums_exactly", "select_engine",
     "build_static_qconfig_mapping", "prepare_static", "prepare_qat", "prepare_dynamic", "convert",
     "convert_reference", "observers", "freeze_observers", "freeze_bn_stats", "is_quantized_module",
     "WEIGHT_TYPES", "DYNAMIC_TYPES", "WeightedLayers", "weighted_layers", "repack_weights", "quantizes_op",
