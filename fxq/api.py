@@ -284,10 +284,10 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     else:
         float_ops = _float_ops(gm, None, leaves)
     float_keys = tuple(keep_float) + tuple(island_modules)  # recovery passes skip these layers
-    rounded = {}
+    rounded, grid = {}, engine.weight_grid(opts, choice)
     if opts.optimize_rounding:
         with timer.step("rounding"):
-            rounded = optimize_rounding(gm, batches, engine.weight_grid(opts, choice), skip=float_keys)
+            rounded = optimize_rounding(gm, batches, grid, skip=float_keys)
     on_simulation = opts.bias_correction or opts.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
     with timer.step("prepare"):
@@ -300,7 +300,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
             simulation = engine.convert_reference(copy.deepcopy(prepared), choice)
             rounded, corrected = recover_on_simulation(
                 simulation, float_gm, batches, rounded, refit_weights=opts.optimize_rounding,
-                correct_biases=opts.bias_correction, grid=engine.weight_grid(opts, choice), skip=float_keys)
+                correct_biases=opts.bias_correction, grid=grid, skip=float_keys)
             copy_biases(simulation, prepared, [c.layer for c in corrected])
     with timer.step("convert"):
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0])

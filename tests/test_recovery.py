@@ -87,7 +87,7 @@ def simulated(folded, batches):
     gm = copy.deepcopy(folded[0])
     equalize(gm, batches)
     options = QuantOptions.from_kwargs(mode="static", backend="onednn", reduce_range=False)
-    choice = dataclasses.replace(engine.select_engine(options), seven_bit_weights=False)
+    choice = dataclasses.replace(engine.select_engine(options), kernel_saturates=False)
     prepared = engine.prepare_static(copy.deepcopy(gm), engine.build_static_qconfig_mapping(gm, options, choice),
                                      batches[0], choice)
     run_batches(prepared, batches)

@@ -46,9 +46,12 @@ class EngineChoice:
     reduce_range: bool
     kernel_saturates: bool
     reason: str
-    # 7-bit weights (-64..64): on a saturating kernel, the other way than reduce_range to keep every pair
-    # of u8 x s8 products inside int16 (255 * 64 * 2 = 32640)
-    seven_bit_weights: bool = False
+
+    @property
+    def seven_bit_weights(self) -> bool:
+        """7-bit weights (-64..64): on a saturating kernel, the other way than reduce_range to keep every
+        pair of u8 x s8 products inside int16 (255 * 64 * 2 = 32640)."""
+        return self.kernel_saturates and not self.reduce_range
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def select_engine(options: QuantOptions) -> EngineChoice:
         # 7-bit weights 19.3 dB (bench/accuracy.py). NNCF's overflow fix makes the same trade.
         why += ("; probe: int8 conv saturates 16-bit pair sums on this CPU (no VNNI): weights are 7-bit "
                 "(-64..64), activations 8-bit")
-    return EngineChoice(engine, reduce_range, saturates, why, seven_bit_weights=saturates and not reduce_range)
+    return EngineChoice(engine, reduce_range, saturates, why)
 
 
 def _activation_observer(kind: Observer, reduce_range: bool):
