@@ -9,6 +9,10 @@ rows (bench/compare_flows.py) are measured when those optional packages are inst
 
     python bench/accuracy.py [--threads 2] [--eval 256] [--markdown] [--flows "PyTorch,torchao,nncf"]
                              [--calibration-seed 1 --eval-seed 2]  (other crops of the same photographs)
+
+On a CPU with AVX-512 VNNI, `ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2` makes onednn and
+fbgemm use their AVX2 kernels, whose u8 x s8 pair sums saturate as on a CPU without VNNI (fxq's probe
+then sees saturation); the header names the caps. Float convs slow down with them too.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from tabulate import tabulate
 
 import fxq
 from compare_flows import FLOWS as EXTERNAL_FLOWS
-from fxq.report.latency import cpu_name, measure_latency
+from fxq.report.latency import cpu_name, isa_limits, measure_latency
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 
 warnings.filterwarnings("ignore")
@@ -87,13 +91,16 @@ def measure_row(name: str, build: Callable[[], Callable], model, evaluation, ref
     start = time.perf_counter()
     quantized = build()
     seconds = time.perf_counter() - start
+    # timed before the batch-32 evaluation: onednn (and x86's onednn convs) keep the kernel built for the
+    # first input shape and rebuild it on every call of another (fxq.backend.engine.repack_weights), so
+    # batch 1 after batch 32 measured fxq's onednn model at 7.5 ms instead of 3.4 ms
+    latency = batch1_latency_ratio(model, quantized, example)
     with torch.no_grad():
         logits = torch.cat([quantized(chunk) for chunk in evaluation.split(32)])
     agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
     float_layers = len(fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
     return [name + (f", {float_layers} layers float" if float_layers else ""),
-            f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%",
-            f"{batch1_latency_ratio(model, quantized, example):.2f}", f"{seconds:.1f}"]
+            f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%", f"{latency:.2f}", f"{seconds:.1f}"]
 
 
 def external_row(name: str, package: str, build: Callable[[], Callable], *measure_args) -> list[str]:
@@ -149,7 +156,7 @@ def main() -> None:
     headers = ["flow", "logits SQNR dB", "top-1 agreement", "int8/float latency (batch 1)", "quantize s"]
     print(f"\nMobileNetV2 (ImageNet weights), {args.eval} eval crops (seed {args.eval_seed}), 64 calibration crops "
           f"(seed {args.calibration_seed}); CPU: "
-          f"{cpu_name()}, threads={torch.get_num_threads()}, torch {torch.__version__}")
+          f"{cpu_name()}{isa_limits()}, threads={torch.get_num_threads()}, torch {torch.__version__}")
     print(tabulate(rows, headers=headers, tablefmt="github" if args.markdown else "simple"))
 
 

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
+from fxq.backend.conv_add import fusable_convs, fused_layers
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
 from fxq.config import Mode, QuantOptions
 from fxq.errors import CalibrationError, ConfigError, FxqError, InputError, TraceError
@@ -290,6 +291,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
             rounded = optimize_rounding(gm, batches, grid, skip=float_keys)
     on_simulation = opts.bias_correction or opts.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
+    conv_adds = sorted(fusable_convs(gm, example_inputs)) if choice.fuses_conv_add else []
     with timer.step("prepare"):
         mapping = engine.build_static_qconfig_mapping(gm, opts, choice, keep_float=island_modules)
         prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
@@ -297,13 +299,14 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         run_batches(prepared, batches, progress=opts.progress)
     if on_simulation:
         with timer.step("simulation_pass"):
-            simulation = engine.convert_reference(copy.deepcopy(prepared), choice)
+            simulation = engine.convert_reference(copy.deepcopy(prepared), choice, conv_adds)
             rounded, corrected = recover_on_simulation(
                 simulation, float_gm, batches, rounded, refit_weights=opts.optimize_rounding,
                 correct_biases=opts.bias_correction, grid=grid, skip=float_keys)
             copy_biases(simulation, prepared, [c.layer for c in corrected])
     with timer.step("convert"):
-        quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0])
+        quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0],
+                                                                      conv_adds)
         engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
         restore_output_type(quantized, run_example(work, example_inputs))
     with timer.step("inside_leaves"):
@@ -312,7 +315,8 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     quantized = engine.repack_weights(quantized, choice)
     summary = _summary(
         opts, choice, engine_fidelity_db=fidelity,
-        patterns=[str(p) for p in patterns] + [f"{r}.{p}" for r, s in parts.items() for p in s.patterns],
+        patterns=[str(p) for p in patterns] + [f"{r}.{p}" for r, s in parts.items() for p in s.patterns]
+        + [f"conv-add (one int8 kernel): {name} + add" for name in fused_layers(quantized)],
         rewrites=traced_rewrites + [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites],
         float_layers=_float_layers_after(quantized, around, keep_float, plan)
         + [(f"{r}.{n}", why) for r, s in parts.items() for n, why in s.float_layers],

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import fxq
+from fxq.backend.conv_add import is_conv_add
 from fxq.backend.engine import is_quantized_module
 from helpers import sqnr
 
@@ -32,8 +33,10 @@ class Net(nn.Module):
 
 
 def _int8_adds(model: nn.Module) -> int:
+    """int8 add ops, and convs that add their residual inside the kernel (onednn's conv2d_add)."""
     return sum(1 for node in model.graph.nodes
-               if node.op == "call_function" and "quantized" in str(node.target) and "add" in str(node.target))
+               if node.op == "call_function" and "quantized" in str(node.target) and "add" in str(node.target)
+               or node.op == "call_module" and is_conv_add(model.get_submodule(str(node.target))))
 
 
 def test_a_module_kept_float_keeps_its_functional_ops_float():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxq.analysis.metrics import ActivationStats, ErrorStats
+from fxq.backend.conv_add import is_conv_add
 from fxq.backend.engine import is_quantized_module, using_engine
 from fxq.calibration import Batch
 
@@ -38,6 +39,11 @@ class LayerPair:
     op: str
     float_module: nn.Module
     int8_module: nn.Module
+    # the int8 module also adds the residual that the float graph adds after the layer (backend.conv_add),
+    # and applies the ReLU after that add when `relu_after_add`: its output is compared with the float
+    # add's (or that ReLU's), and it reads the add's other input as a second input
+    adds_residual: bool = False
+    relu_after_add: bool = False
 
 
 @dataclass
@@ -48,6 +54,8 @@ class LayerErrors:
     activation: ActivationStats = field(default_factory=ActivationStats)
     # per call of the module: (scale, zero_point, dtype) of its int8 input; None if not a per-tensor int8 tensor
     input_grids: list[tuple[float, int, torch.dtype] | None] = field(default_factory=list)
+    # the same for the residual input of a layer that adds one (LayerPair.adds_residual)
+    residual_grids: list[tuple[float, int, torch.dtype] | None] = field(default_factory=list)
 
     @property
     def input_grid(self) -> tuple[float, int, torch.dtype] | None:
@@ -73,7 +81,9 @@ def pair_layers(float_gm: fx.GraphModule, quantized: fx.GraphModule) -> list[Lay
         module = quantized.get_submodule(str(node.target))
         if is_quantized_module(module) and hasattr(module, "scale") and node.target in float_modules:
             pairs[str(node.target)] = LayerPair(str(node.target), type(module).__name__,
-                                                float_modules[str(node.target)], module)
+                                                float_modules[str(node.target)], module,
+                                                adds_residual=is_conv_add(module),
+                                                relu_after_add=is_conv_add(module, relu=True))
     return list(pairs.values())
 
 
@@ -143,18 +153,24 @@ def _as_float(value: torch.Tensor) -> torch.Tensor:
     return value.dequantize() if value.is_quantized else value
 
 
-def _input_grid(inputs: tuple[Any, ...]) -> tuple[float, int, torch.dtype] | None:
-    x = inputs[0] if inputs else None
+def _input_grid(inputs: tuple[Any, ...], position: int = 0) -> tuple[float, int, torch.dtype] | None:
+    x = inputs[position] if len(inputs) > position else None
     if isinstance(x, torch.Tensor) and x.is_quantized and x.qscheme() in (torch.per_tensor_affine,
                                                                           torch.per_tensor_symmetric):
         return float(x.q_scale()), int(x.q_zero_point()), x.dtype
     return None
 
 
-def _run_int8_on(pair: LayerPair, grid: tuple[float, int, torch.dtype], x: torch.Tensor) -> torch.Tensor:
-    """The int8 module on a float input rounded to the grid it reads in the int8 model, dequantized."""
+def _on_grid(x: torch.Tensor, grid: tuple[float, int, torch.dtype]) -> torch.Tensor:
     scale, zero_point, dtype = grid
-    return _as_float(pair.int8_module(torch.quantize_per_tensor(x.detach(), scale, zero_point, dtype)))
+    return torch.quantize_per_tensor(x.detach(), scale, zero_point, dtype)
+
+
+def _run_int8_on(pair: LayerPair, grid: tuple[float, int, torch.dtype], x: torch.Tensor,
+                 residual: tuple[tuple[float, int, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
+    """The int8 module on float inputs rounded to the grids it reads in the int8 model, dequantized."""
+    extra = () if residual is None else (_on_grid(residual[1], residual[0]),)
+    return _as_float(pair.int8_module(_on_grid(x, grid), *extra))
 
 
 @dataclass
@@ -163,6 +179,9 @@ class _Hooks:
 
     def add(self, module: nn.Module, hook: Callable[..., Any]) -> None:
         self.handles.append(module.register_forward_hook(hook))
+
+    def add_pre(self, module: nn.Module, hook: Callable[..., Any]) -> None:
+        self.handles.append(module.register_forward_pre_hook(hook))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -203,7 +222,9 @@ def run_side_by_side(float_gm: fx.GraphModule, quantized: fx.GraphModule, pairs:
     reference_outputs = []
     call_nodes = {pair.name: [n for n in float_gm.graph.nodes if n.op == "call_module" and n.target == pair.name]
                   for pair in pairs}
-    downstream = {name: _downstream(nodes) for name, nodes in call_nodes.items()}
+    # where the int8 layer's output has a float counterpart: the call, or the residual add right after it
+    output_nodes = {pair.name: [_fused_output(node, pair) for node in call_nodes[pair.name]] for pair in pairs}
+    downstream = {name: _downstream(nodes) for name, nodes in output_nodes.items()}
     bar = _progress(len(batches) * len(pairs), progress and solo)
     seconds = {"side_by_side": 0.0, "solo": 0.0}
     with using_engine(engine):
@@ -212,18 +233,18 @@ def run_side_by_side(float_gm: fx.GraphModule, quantized: fx.GraphModule, pairs:
             interpreter = fx.Interpreter(float_gm, garbage_collect_values=False)
             references = output_tensors(interpreter.run(*batch))
             env = interpreter.env
-            int8_result = _run_int8(quantized, pairs, layers, call_nodes, env, batch)
+            int8_result = _run_int8(quantized, pairs, layers, output_nodes, env, batch)
             for reference, test in zip(references, output_tensors(int8_result), strict=True):
                 end_to_end.update(reference, test)
             reference_outputs.append(references)
-            own_outputs = {pair.name: _measure_own(pair, layers[pair.name], call_nodes[pair.name], env)
-                           for pair in pairs}
+            own_outputs = {pair.name: _measure_own(pair, layers[pair.name], call_nodes[pair.name],
+                                                   output_nodes[pair.name], env) for pair in pairs}
             middle = time.perf_counter()
             seconds["side_by_side"] += middle - start
             if solo:
                 for pair in pairs:
                     if own_outputs[pair.name] is not None:
-                        result = _run_solo(float_gm, pair, layers[pair.name], call_nodes[pair.name],
+                        result = _run_solo(float_gm, pair, layers[pair.name], output_nodes[pair.name],
                                            own_outputs[pair.name], env, downstream[pair.name], batch)
                         for reference, test in zip(references, output_tensors(result), strict=True):
                             layers[pair.name].solo.update(reference, test)
@@ -237,7 +258,7 @@ def run_side_by_side(float_gm: fx.GraphModule, quantized: fx.GraphModule, pairs:
 
 
 def _run_int8(quantized: fx.GraphModule, pairs: Sequence[LayerPair], layers: dict[str, LayerErrors],
-              call_nodes: dict[str, list[fx.Node]], env: dict[fx.Node, Any], batch: Batch) -> Any:
+              output_nodes: dict[str, list[fx.Node]], env: dict[fx.Node, Any], batch: Batch) -> Any:
     """Run the int8 model, comparing each layer's output with the float value of the same call."""
     calls = {pair.name: 0 for pair in pairs}
     hooks = _Hooks()
@@ -247,11 +268,17 @@ def _run_int8(quantized: fx.GraphModule, pairs: Sequence[LayerPair], layers: dic
             calls[name] += 1
             if index == len(errors.input_grids):
                 errors.input_grids.append(_input_grid(inputs))
-            if index < len(call_nodes[name]):
-                reference = env[call_nodes[name][index]]
+            if index < len(output_nodes[name]):
+                reference = env[output_nodes[name][index]]
                 errors.activation.update(reference)
                 errors.accumulated.update(reference, _as_float(output))
         hooks.add(pair.int8_module, compare)
+        if pair.adds_residual:  # before the call: the kernel may write its output over the residual
+            def record_residual(_module, inputs, name=pair.name):
+                errors = layers[name]
+                if len(errors.residual_grids) == len(errors.input_grids):
+                    errors.residual_grids.append(_input_grid(inputs, 1))
+            hooks.add_pre(pair.int8_module, record_residual)
     try:
         return quantized(*batch)
     finally:
@@ -264,19 +291,45 @@ def _float_input(node: fx.Node, env: dict[fx.Node, Any]) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
-def _measure_own(pair: LayerPair, errors: LayerErrors, nodes: list[fx.Node],
+def _fused_output(node: fx.Node, pair: LayerPair) -> fx.Node:
+    """The float node whose value the int8 layer computes: its call, or for a layer that adds a residual
+    the add its call feeds (conv_add.fusable_convs: the only reader), or the ReLU after that add."""
+    if not pair.adds_residual:
+        return node
+    (add,) = node.users
+    if not pair.relu_after_add:
+        return add
+    (relu,) = add.users
+    return relu
+
+
+def _residual_input(node: fx.Node, env: dict[fx.Node, Any]) -> torch.Tensor | None:
+    (add,) = node.users
+    other = next((arg for arg in add.args if isinstance(arg, fx.Node) and arg is not node), None)
+    value = env.get(other) if other is not None else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _measure_own(pair: LayerPair, errors: LayerErrors, nodes: list[fx.Node], output_nodes: list[fx.Node],
                  env: dict[fx.Node, Any]) -> list[torch.Tensor] | None:
-    """Own error of every call of the layer; returns the int8 outputs (one per call) for the solo run."""
+    """Own error of every call of the layer; returns the int8 outputs (one per call) for the solo run.
+
+    A layer that adds a residual reads the float add's other input too, rounded to its int8 grid; one
+    called more than once is not measured (the solo run could not substitute its later calls)."""
     grids = errors.input_grids
-    if len(grids) != len(nodes) or any(grid is None for grid in grids):
+    if len(grids) != len(nodes) or any(grid is None for grid in grids) or (pair.adds_residual and len(nodes) > 1):
         return None
     outputs = []
-    for node, grid in zip(nodes, grids):
+    residual_grids = errors.residual_grids if pair.adds_residual else [None] * len(grids)
+    if len(residual_grids) != len(nodes):
+        return None
+    for node, output_node, grid, residual_grid in zip(nodes, output_nodes, grids, residual_grids):
         x = _float_input(node, env)
-        if x is None:
+        residual = _residual_input(node, env) if pair.adds_residual else None
+        if x is None or (pair.adds_residual and (residual is None or residual_grid is None)):
             return None
-        own = _run_int8_on(pair, grid, x)
-        errors.own.update(env[node], own)
+        own = _run_int8_on(pair, grid, x, None if residual is None else (residual_grid, residual))
+        errors.own.update(env[output_node], own)
         outputs.append(own)
     return outputs
 

@@ -97,3 +97,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# Environment variables that cap the instruction set the int8 kernels use (an AVX-512 VNNI machine then
+# computes as one with AVX2 only: same saturating pair sums, same numbers).
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def isa_limits() -> str:
+    """' (ONEDNN_MAX_CPU_ISA=AVX2, ...)' for benchmark headers when the kernels' ISA is capped, else ''."""
+    import os
+
+    caps = [f"{name}={os.environ[name]}" for name in ISA_LIMITS if name in os.environ]
+    return f" ({', '.join(caps)})" if caps else ""
