@@ -188,7 +188,18 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
     mode="static" calibrates weights and activations on `calibration_data` (an iterable of batches);
     mode="dynamic" quantizes Linear/LSTM/GRU weights and needs no data; QAT goes through `prepare_qat`.
     Other keyword arguments are `QuantOptions` fields (observer, keep_float, target_sqnr_db, ...).
+
+    int8 ops dispatch on the global engine (onednn's fused conv + add runs on no other), so
+    `torch.backends.quantized.engine` is left set to the engine the returned model was built and checked
+    for, whichever way it was built.
     """
+    quantized = _quantize(model, example_inputs, calibration_data, mode, backend, options)
+    torch.backends.quantized.engine = summary_of(quantized).engine
+    return quantized
+
+
+def _quantize(model: nn.Module, example_inputs: Any, calibration_data: Iterable[Any] | None, mode: str,
+              backend: str, options: dict[str, Any]) -> nn.Module:
     opts = QuantOptions.from_kwargs(mode=mode, backend=backend, **options)
     check_model(model)
     example_inputs = as_example_inputs(example_inputs)
@@ -217,7 +228,6 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
                 patterns = find_patterns(gm)
         if gm is None:
             attach(quantized, summary)
-            torch.backends.quantized.engine = summary.engine
             return quantized
         non_traceable = [leaf.module for leaf in leaves]
         if opts.mode is Mode.DYNAMIC:
@@ -243,8 +253,6 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
         quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, options, choice,
                                               leaves, patterns, timer, traced_rewrites)
     attach(quantized, summary)
-    # int8 ops dispatch on the global engine: leave it set to the one this model was built and checked for
-    torch.backends.quantized.engine = summary.engine
     return quantized
 
 

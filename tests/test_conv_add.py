@@ -147,3 +147,21 @@ def test_sensitivity_of_a_fused_add_relu_reads_the_residual_grid_before_the_kern
     row = report["downsample"]
     assert row.op == "ConvAddReLU2d"
     assert row.own_sqnr_db > 30.0 and row.solo_sqnr_db > 30.0, row
+
+
+@pytest.mark.parametrize("options", [{}, {"target_sqnr_db": 40.0}], ids=["default", "mixed precision"])
+def test_quantize_leaves_the_global_engine_on_the_models_own(blocks, options):
+    """conv2d_add runs only under the onednn engine; PyTorch's default on x86 is x86. Every way of building
+    the model (the mixed-precision search returns from inside quantize) must leave the engine set to it."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("needs a second engine to start from")
+    batches, evaluation = photo_batches()
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    try:
+        quantized = fxq.quantize(blocks, batches[0][:1], calibration_data=batches, **FAST, **options)
+        assert torch.backends.quantized.engine == fxq.summary_of(quantized).engine == "onednn"
+        with torch.no_grad():
+            assert sqnr(blocks(evaluation), quantized(evaluation)) > 18.0
+    finally:
+        torch.backends.quantized.engine = previous
