@@ -299,8 +299,8 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
             rounded = optimize_rounding(gm, batches, grid, skip=float_keys)
     on_simulation = opts.bias_correction or opts.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
-    conv_adds = sorted(fusable_convs(gm, example_inputs)) if choice.fuses_conv_add else []
     with timer.step("prepare"):
+        conv_adds = sorted(fusable_convs(gm, example_inputs)) if choice.fuses_conv_add else []
         mapping = engine.build_static_qconfig_mapping(gm, opts, choice, keep_float=island_modules)
         prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
     with timer.step("calibrate"):

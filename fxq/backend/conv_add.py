@@ -56,21 +56,26 @@ def fusable_convs(gm: fx.GraphModule, example_inputs: tuple) -> frozenset[str]:
         if convs:
             conv = max(convs, key=order.__getitem__)
             other = add.args[1] if add.args[0] is conv else add.args[0]
-            if _may_overwrite(gm, other, add, order):
+            if _residual_can_be_overwritten(gm, other, add, order):
                 names.add(str(conv.target))
     return frozenset(names)
 
 
-def _may_overwrite(gm: fx.GraphModule, other: fx.Node, add: fx.Node, order: dict[fx.Node, int]) -> bool:
+def _residual_can_be_overwritten(gm: fx.GraphModule, other: fx.Node, add: fx.Node,
+                                 order: dict[fx.Node, int]) -> bool:
     """Whether the fused kernel may write its output over the residual tensor, as onednn does (its sum
     post-op accumulates in place; measured: a ResNet block's skip tensor came back holding the block's
-    output, on the output's scale). Safe when nothing reads the residual after the add and it is a
+    output, on the output's scale). It may when nothing reads the residual after the add and it is a
     tensor of its own: not a graph input, a constant, or a view of a tensor others read."""
     from fxq.backend.engine import is_shape_op
 
     if other.op not in ("call_module", "call_function", "call_method") or is_shape_op(gm, other):
         return False
-    return all(order[user] < order[add] for user in other.users if user is not add)
+    return not _read_after(other, add, order)
+
+
+def _read_after(value: fx.Node, add: fx.Node, order: dict[fx.Node, int]) -> bool:
+    return any(order[user] > order[add] for user in value.users if user is not add)
 
 
 def skip_output_rounding(simulation: fx.GraphModule, names: Iterable[str]) -> list[str]:
@@ -131,8 +136,8 @@ def fuse_into_adds(quantized: fx.GraphModule, names: Iterable[str]) -> list[str]
         first, second, scale, zero_point = add.args
         other = second if first is node else first
         order = {node: index for index, node in enumerate(quantized.graph.nodes)}  # fusing inserts nodes
-        if not isinstance(other, fx.Node) or any(order[user] > order[add] for user in other.users if user is not add):
-            continue  # read after the add: the kernel would overwrite it (see _may_overwrite)
+        if not isinstance(other, fx.Node) or _read_after(other, add, order):
+            continue  # the kernel would overwrite it (see _residual_can_be_overwritten)
         scale, zero_point = float(_value(quantized, scale)), int(_value(quantized, zero_point))
         # the fused ReLU clips at the real 0, which a ReLU's observed range puts at code 0
         if other is node or (add.target is torch.ops.quantized.add_relu and zero_point != 0):
