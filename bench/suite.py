@@ -285,8 +285,12 @@ def benchmark_model(name: str, calibration: list[torch.Tensor], evaluation: torc
                 continue
             print(f"{name}: {flow} latency batch {batch_size}", flush=True)
             with using_engine(engine):
+                # a fresh copy per batch size: copying re-packs the int8 weights, and onednn (x86's convs
+                # too, with VNNI) keeps the kernel built for the first input shape it sees and rebuilds it
+                # on every call of another shape (fxq.backend.engine.repack_weights)
+                fresh = copy.deepcopy(int8_model)
                 timing = attempt(failures, name, flow, f"latency (batch {batch_size})",
-                                 lambda: latency_ratio(model, int8_model, inputs, batch_size, args))
+                                 lambda: latency_ratio(model, fresh, inputs, batch_size, args))
             row[flow] = timing if isinstance(timing, Failure) else timing[2]
             if not isinstance(timing, Failure):
                 eager_ms.append(timing[0])
