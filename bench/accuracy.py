@@ -62,6 +62,17 @@ def native_fx(model: torch.nn.Module, calibration: list[torch.Tensor]) -> torch.
     return convert_fx(prepared)
 
 
+def protocol(calibration_seed: int, eval_seed: int, eval_crops: int
+             ) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(float MobileNetV2, 4 calibration batches of 16 crops, evaluation crops, float logits on them)."""
+    model = pretrained_mobilenet_v2()
+    calibration = list(random_crops(64, seed=calibration_seed).split(16))
+    evaluation = random_crops(eval_crops, seed=eval_seed)
+    with torch.no_grad():
+        reference = torch.cat([model(chunk) for chunk in evaluation.split(32)])
+    return model, calibration, evaluation, reference
+
+
 def batch1_latency_ratio(float_model, int8_model, example) -> float:
     """Median int8 / float batch-1 latency, the two timed alternately after warm-up."""
     (row,) = measure_latency(float_model, int8_model, (example,), batch_sizes=(1,), repeats=30)
@@ -130,11 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = pretrained_mobilenet_v2()
-    calibration = list(random_crops(64, seed=args.calibration_seed).split(16))
-    evaluation = random_crops(args.eval, seed=args.eval_seed)
-    with torch.no_grad():
-        reference = torch.cat([model(chunk) for chunk in evaluation.split(32)])
+    model, calibration, evaluation, reference = protocol(args.calibration_seed, args.eval_seed, args.eval)
     example = evaluation[:1]
     measure_args = (model, evaluation, reference, example)
 
