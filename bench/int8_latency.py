@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 import fxq
 from accuracy import native_fx
+from fxq.backend.conv_add import fused_layers
 from fxq.report.latency import cpu_name, isa_limits
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 
@@ -62,7 +63,7 @@ def main() -> None:
                         times[flow].append(time.perf_counter() - start)
         median = {flow: 1000 * statistics.median(values) for flow, values in times.items()}
         summary = fxq.summary_of(flows["fxq int8"])
-        fused = sum(p.startswith("conv-add") for p in summary.patterns)
+        fused = len(fused_layers(flows["fxq int8"]))
         rows.append([name, f"{median['float']:.2f}", f"{median['PyTorch FX int8']:.2f}", f"{median['fxq int8']:.2f}",
                      f"{median['PyTorch FX int8'] / median['float']:.2f}", f"{median['fxq int8'] / median['float']:.2f}",
                      f"{median['fxq int8'] / median['PyTorch FX int8']:.2f}", f"{summary.engine}, {fused} conv-add"])

@@ -39,11 +39,17 @@ class LayerPair:
     op: str
     float_module: nn.Module
     int8_module: nn.Module
-    # the int8 module also adds the residual that the float graph adds after the layer (backend.conv_add),
-    # and applies the ReLU after that add when `relu_after_add`: its output is compared with the float
-    # add's (or that ReLU's), and it reads the add's other input as a second input
-    adds_residual: bool = False
-    relu_after_add: bool = False
+
+    @property
+    def adds_residual(self) -> bool:
+        """The int8 module also adds the residual the float graph adds after the layer (backend.conv_add):
+        its output is compared with the float add's, and it reads the add's other input as a second input."""
+        return is_conv_add(self.int8_module)
+
+    @property
+    def relu_after_add(self) -> bool:
+        """It also applies the ReLU after that add (its output is compared with that ReLU's)."""
+        return is_conv_add(self.int8_module, relu=True)
 
 
 @dataclass
@@ -81,9 +87,7 @@ def pair_layers(float_gm: fx.GraphModule, quantized: fx.GraphModule) -> list[Lay
         module = quantized.get_submodule(str(node.target))
         if is_quantized_module(module) and hasattr(module, "scale") and node.target in float_modules:
             pairs[str(node.target)] = LayerPair(str(node.target), type(module).__name__,
-                                                float_modules[str(node.target)], module,
-                                                adds_residual=is_conv_add(module),
-                                                relu_after_add=is_conv_add(module, relu=True))
+                                                float_modules[str(node.target)], module)
     return list(pairs.values())
 
 

@@ -118,7 +118,8 @@ def fuse_into_adds(quantized: fx.GraphModule, names: Iterable[str]) -> list[str]
     (`ConvAddReLU2d`): quantized::conv2d_add (conv2d_add_relu).
 
     The fused module keeps the conv's name and int8 weights and takes the add's output scale and zero
-    point; it may write its output into the residual tensor, which nothing reads afterwards. Call under the engine the model runs on (the weights are packed for it). Returns the layers fused.
+    point; it may write its output into the residual tensor, which nothing reads afterwards. Call under
+    the engine the model runs on (the weights are packed for it). Returns the layers fused.
     """
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
@@ -136,12 +137,11 @@ def fuse_into_adds(quantized: fx.GraphModule, names: Iterable[str]) -> list[str]
         first, second, scale, zero_point = add.args
         other = second if first is node else first
         order = {node: index for index, node in enumerate(quantized.graph.nodes)}  # fusing inserts nodes
-        if not isinstance(other, fx.Node) or _read_after(other, add, order):
+        if not isinstance(other, fx.Node) or other is node or _read_after(other, add, order):
             continue  # the kernel would overwrite it (see _residual_can_be_overwritten)
         scale, zero_point = float(_value(quantized, scale)), int(_value(quantized, zero_point))
-        # the fused ReLU clips at the real 0, which a ReLU's observed range puts at code 0
-        if other is node or (add.target is torch.ops.quantized.add_relu and zero_point != 0):
-            continue
+        if add.target is torch.ops.quantized.add_relu and zero_point != 0:
+            continue  # the fused ReLU clips at the real 0, which a ReLU's observed range puts at code 0
         fused = kinds[add.target](conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                                   padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                                   bias=conv.bias() is not None, padding_mode=conv.padding_mode)
@@ -160,12 +160,12 @@ def fuse_into_adds(quantized: fx.GraphModule, names: Iterable[str]) -> list[str]
     return done
 
 
-def _value(gm: fx.GraphModule, arg: object) -> float:
+def _value(gm: fx.GraphModule, arg: object) -> object:
+    """A converted add's scale or zero point: a constant, or a buffer the graph reads by get_attr."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         value = getattr(gm, str(arg.target))
         return float(value) if isinstance(value, torch.Tensor) else value
     return arg
-
 
 
 def is_conv_add(module: nn.Module, relu: bool | None = None) -> bool:
