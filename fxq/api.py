@@ -18,6 +18,7 @@ from torch import fx, nn
 from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
+from fxq.backend.float_layout import run_float_convs_channels_last
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
 from fxq.config import Mode, QuantOptions
 from fxq.errors import CalibrationError, ConfigError, FxqError, InputError, TraceError
@@ -194,7 +195,12 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
     for, whichever way it was built.
     """
     quantized = _quantize(model, example_inputs, calibration_data, mode, backend, options)
-    torch.backends.quantized.engine = summary_of(quantized).engine
+    summary = summary_of(quantized)
+    torch.backends.quantized.engine = summary.engine
+    inputs = as_example_inputs(example_inputs)
+    _, kept_nchw = run_float_convs_channels_last(quantized, lambda candidate: run_example(candidate, inputs))
+    if kept_nchw:
+        summary.notes.append(kept_nchw)
     return quantized
 
 

@@ -1,0 +1,66 @@
+"""Float convs left in an int8 model run channels-last, unless that breaks the model or its outputs' layout."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxq
+from fxq.backend.float_layout import float_convs_called_by_graphs
+from fxq.frontend.rewrite import Clamp
+
+
+class Stem(nn.Module):
+    """A float stem (kept float) before int8 layers, ending in a flatten or a view."""
+
+    def __init__(self, flatten_with_view: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16 * 8 * 8, 10)
+        self.flatten_with_view = flatten_with_view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        if self.flatten_with_view:  # NCHW-only: a view of a channels-last map fails
+            return self.head(x.view(x.shape[0], -1))
+        return self.head(torch.flatten(torch.relu(self.body(x)), 1))
+
+
+def _quantize(flatten_with_view: bool) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Stem(flatten_with_view).eval()
+    data = torch.randn(8, 3, 8, 8)
+    quantized = fxq.quantize(model, (data[:1],), calibration_data=[(data,)], keep_float=["stem"])
+    return model, quantized, data
+
+
+def test_kept_float_conv_runs_channels_last_with_the_same_outputs():
+    model, quantized, data = _quantize(flatten_with_view=False)
+    convs = float_convs_called_by_graphs(quantized)
+    assert list(convs) == ["stem"]
+    assert convs["stem"].weight.is_contiguous(memory_format=torch.channels_last)
+    assert next(model.parameters()).is_contiguous()  # the user's model is untouched
+    with torch.no_grad():
+        channels_last = quantized(data)
+        convs["stem"].weight.data = convs["stem"].weight.data.contiguous()
+        nchw = quantized(data)
+    assert torch.allclose(channels_last, nchw, atol=1e-5)
+    assert not any("NCHW" in note for note in fxq.summary_of(quantized).notes)
+
+
+def test_a_view_after_the_float_conv_keeps_it_nchw_and_says_so():
+    _, quantized, data = _quantize(flatten_with_view=True)
+    assert float_convs_called_by_graphs(quantized)["stem"].weight.is_contiguous()
+    notes = [note for note in fxq.summary_of(quantized).notes if "NCHW" in note]
+    assert len(notes) == 1 and "view" in notes[0]
+    with torch.no_grad():
+        assert quantized(data).shape == (8, 10)
+
+
+def test_clamp_is_relu_then_per_channel_minimum():
+    clamp = Clamp(0.0, 6.0)
+    clamp.set_high(torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1))
+    x = torch.randn(2, 3, 4, 4) * 4
+    assert torch.equal(clamp(x), torch.minimum(torch.relu(x), clamp.high))
+    assert "low_bound" not in clamp.state_dict()
