@@ -195,10 +195,20 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
     for, whichever way it was built.
     """
     quantized = _quantize(model, example_inputs, calibration_data, mode, backend, options)
-    summary = summary_of(quantized)
-    torch.backends.quantized.engine = summary.engine
-    inputs = as_example_inputs(example_inputs)
-    _, kept_nchw = run_float_convs_channels_last(quantized, lambda candidate: run_example(candidate, inputs))
+    torch.backends.quantized.engine = summary_of(quantized).engine
+    return quantized
+
+
+def _finish(quantized: nn.Module, summary: QuantizationSummary, example_inputs: Batch) -> nn.Module:
+    """Attach the summary, then run the float convs left in `quantized` channels-last (backend.float_layout).
+
+    Every way `_quantize` builds a model ends here once; the mixed-precision searches return a model an
+    inner `quantize` call already finished.
+    """
+    attach(quantized, summary)
+    with engine.using_engine(summary.engine):
+        kept_nchw = run_float_convs_channels_last(
+            quantized, lambda candidate: output_tensors(run_example(candidate, example_inputs)))
     if kept_nchw:
         summary.notes.append(kept_nchw)
     return quantized
@@ -233,19 +243,17 @@ def _quantize(model: nn.Module, example_inputs: Any, calibration_data: Iterable[
                 gm, leaves, traced_rewrites = _open_up(work, gm, leaves, example_inputs)
                 patterns = find_patterns(gm)
         if gm is None:
-            attach(quantized, summary)
-            return quantized
+            return _finish(quantized, summary, example_inputs)
         non_traceable = [leaf.module for leaf in leaves]
         if opts.mode is Mode.DYNAMIC:
             with timer.step("convert"):
                 prepared = engine.prepare_dynamic(gm, example_inputs, opts, choice, non_traceable)
                 quantized = engine.convert(prepared, choice)
                 restore_output_type(quantized, run_example(work, example_inputs))
-            attach(quantized, _summary(opts, choice, patterns=[str(p) for p in patterns],
-                                       rewrites=traced_rewrites,
-                                       float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
-                                       timings_s=timer.seconds))
-            return quantized
+            return _finish(quantized, _summary(opts, choice, patterns=[str(p) for p in patterns],
+                                               rewrites=traced_rewrites,
+                                               float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
+                                               timings_s=timer.seconds), example_inputs)
         if opts.target_sqnr_db is not None or opts.eval_fn is not None:
             from fxq.recovery.mixed_precision import quantize_to_metric, quantize_to_target
 
@@ -258,8 +266,7 @@ def _quantize(model: nn.Module, example_inputs: Any, calibration_data: Iterable[
             return quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db, base)
         quantized, summary = _quantize_static(work, gm, example_inputs, calibration_data, opts, options, choice,
                                               leaves, patterns, timer, traced_rewrites)
-    attach(quantized, summary)
-    return quantized
+    return _finish(quantized, summary, example_inputs)
 
 
 def _describe_inplace(rewrites: list[InplaceRewrite]) -> list[str]:

@@ -46,38 +46,28 @@ def float_convs_called_by_graphs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return found
 
 
-def _layouts(outputs: object) -> list[tuple[int, ...]]:
-    if isinstance(outputs, torch.Tensor):
-        return [outputs.stride()]
-    if isinstance(outputs, dict):
-        outputs = list(outputs.values())
-    if isinstance(outputs, (list, tuple)):
-        return [stride for item in outputs for stride in _layouts(item)]
-    return []
-
-
 @torch.no_grad()
-def run_float_convs_channels_last(model: nn.Module, run: Callable[[nn.Module], object]) -> tuple[list[str], str]:
+def run_float_convs_channels_last(model: nn.Module, run: Callable[[nn.Module], list[torch.Tensor]]) -> str:
     """Give the float convs fxq's graphs call channels-last weights, in place.
 
-    `run(model)` calls the model on the example inputs. Returns (convs changed, why none were): when the
-    model fails or its outputs change layout with the new weights, every weight is put back.
+    `run(model)` returns the model's output tensors on the example inputs. Returns why the weights were
+    put back ("" when they were not): the model fails, or its outputs change layout, with the new ones.
     """
-    convs = {name: conv for name, conv in float_convs_called_by_graphs(model).items()
-             if conv.weight.dim() == 4 and not conv.weight.is_contiguous(memory_format=torch.channels_last)}
+    convs = [conv for conv in float_convs_called_by_graphs(model).values()
+             if conv.weight.dim() == 4 and not conv.weight.is_contiguous(memory_format=torch.channels_last)]
     if not convs:
-        return [], ""
-    before = _layouts(run(model))
-    originals = {name: conv.weight.data for name, conv in convs.items()}
-    for conv in convs.values():
+        return ""
+    before = [output.stride() for output in run(model)]
+    originals = [conv.weight.data for conv in convs]
+    for conv in convs:
         conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
     try:
-        after = _layouts(run(model))
+        after = [output.stride() for output in run(model)]
         problem = "" if after == before else "the model's outputs would change memory layout"
     except Exception as error:  # a layout-dependent op (view) downstream: keep NCHW, say so
         problem = f"the model fails with them ({type(error).__name__}: {error})"
     if problem:
-        for name, conv in convs.items():
-            conv.weight.data = originals[name]
-        return [], f"float convs kept in NCHW layout: with channels-last weights {problem}"
-    return sorted(convs), ""
+        for conv, weight in zip(convs, originals):
+            conv.weight.data = weight
+        return f"{len(convs)} float conv(s) kept in NCHW layout: with channels-last weights {problem}"
+    return ""
