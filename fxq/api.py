@@ -18,7 +18,7 @@ from torch import fx, nn
 from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
-from fxq.backend.float_layout import run_float_convs_channels_last
+from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
 from fxq.config import Mode, QuantOptions
 from fxq.errors import CalibrationError, ConfigError, FxqError, InputError, TraceError
@@ -200,7 +200,7 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
 
 
 def _finish(quantized: nn.Module, summary: QuantizationSummary, example_inputs: Batch) -> nn.Module:
-    """Attach the summary, then run the float convs left in `quantized` channels-last (backend.float_layout).
+    """Attach the summary, then speed up the float layers left in `quantized` (backend.float_layout).
 
     Every way `_quantize` builds a model ends here once; the mixed-precision searches return a model an
     inner `quantize` call already finished.
@@ -211,6 +211,7 @@ def _finish(quantized: nn.Module, summary: QuantizationSummary, example_inputs: 
             quantized, lambda candidate: output_tensors(run_example(candidate, example_inputs)))
     if kept_nchw:
         summary.notes.append(kept_nchw)
+    clamp_float_layer_outputs_in_place(quantized)
     return quantized
 
 

@@ -64,3 +64,30 @@ def test_clamp_is_relu_then_per_channel_minimum():
     x = torch.randn(2, 3, 4, 4) * 4
     assert torch.equal(clamp(x), torch.minimum(torch.relu(x), clamp.high))
     assert "low_bound" not in clamp.state_dict()
+
+
+def test_float_layer_clamps_work_in_place_in_the_finished_model_with_the_same_outputs(tmp_path):
+    model, quantized, data = _quantize(flatten_with_view=False)
+    fxq.save(quantized, tmp_path / "model.pt")
+    clamps = [module for module in quantized.modules() if isinstance(module, Clamp)]
+    assert clamps and all(clamp.inplace for clamp in clamps)
+    assert not any(isinstance(module, Clamp) for module in model.modules())  # the user's model is untouched
+    with torch.no_grad():
+        in_place = quantized(data)
+        assert torch.equal(fxq.load(tmp_path / "model.pt")(data), in_place)  # TorchScript takes the branch
+        for clamp in clamps:
+            clamp.inplace = False
+        assert torch.equal(in_place, quantized(data))
+
+
+def test_an_in_place_clamp_leaves_its_input_alone_while_autograd_records():
+    clamp = Clamp(0.0, 6.0)
+    clamp.inplace = True
+    x = torch.randn(2, 3, 4, 4, requires_grad=True) * 4  # a non-leaf that requires grad, as a conv output
+    before = x.detach().clone()
+    y = clamp(x)
+    y.sum().backward()
+    assert torch.equal(x.detach(), before) and y.data_ptr() != x.data_ptr()
+    with torch.no_grad():
+        z = x.detach().clone()
+        assert clamp(z).data_ptr() == z.data_ptr() and float(z.max()) <= 6.0 and float(z.min()) >= 0.0

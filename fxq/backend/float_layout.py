@@ -1,4 +1,4 @@
-"""Float convs left in an int8 model run in channels-last layout.
+"""Float layers left in an int8 model run fast: convs channels-last, their clamps in place.
 
 The int8 kernels (onednn, fbgemm) work in channels-last (NHWC) and hand back NHWC tensors; a float conv
 with a contiguous (NCHW) weight is run by oneDNN in the input's layout, or reordered. Given a
@@ -10,6 +10,10 @@ summation order.
 Only convs that fxq's own graphs call are changed, never a user module fxq could not trace (its code
 may `view` the weight), and the change is undone if the model then fails on the example inputs or
 returns tensors in another layout, since a `view` downstream of a conv depends on the layout.
+
+The clamp (ReLU/ReLU6) fused after a float conv or linear then works on the layer's output in place, as
+torchvision's own `ReLU6(inplace=True)` does in the float model: a fresh output per call cost page faults
+(4.1 against 0.5 ms for conv + clamp at 96x112x112) and the layer's output is read by nothing else.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Callable
 
 import torch
 from torch import fx, nn
+
+from fxq.frontend.rewrite import Clamp
 
 
 def _float_conv2d(module: nn.Module) -> nn.Conv2d | None:
@@ -31,19 +37,39 @@ def _float_conv2d(module: nn.Module) -> nn.Conv2d | None:
     return None
 
 
-def float_convs_called_by_graphs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    """{qualified name: conv} of the float 2-D convs called by a call_module node of an fx graph in `model`."""
-    found: dict[str, nn.Conv2d] = {}
+def _modules_called_by_graphs(model: nn.Module) -> dict[str, nn.Module]:
+    """{qualified name: module} of the modules called by a call_module node of an fx graph in `model`."""
+    found: dict[str, nn.Module] = {}
     for prefix, graph_module in model.named_modules():
         if not isinstance(graph_module, fx.GraphModule):
             continue
         for node in graph_module.graph.nodes:
-            if node.op != "call_module":
-                continue
-            conv = _float_conv2d(graph_module.get_submodule(str(node.target)))
-            if conv is not None:
-                found[f"{prefix}.{node.target}" if prefix else str(node.target)] = conv
+            if node.op == "call_module":
+                name = f"{prefix}.{node.target}" if prefix else str(node.target)
+                found[name] = graph_module.get_submodule(str(node.target))
     return found
+
+
+def float_convs_called_by_graphs(model: nn.Module) -> dict[str, nn.Conv2d]:
+    """{qualified name: conv} of the float 2-D convs called by a call_module node of an fx graph in `model`."""
+    called = ((name, _float_conv2d(module)) for name, module in _modules_called_by_graphs(model).items())
+    return {name: conv for name, conv in called if conv is not None}
+
+
+def clamp_float_layer_outputs_in_place(model: nn.Module) -> list[str]:
+    """Set `inplace` on the Clamp of each float conv/linear + clamp container fxq's graphs call.
+
+    Inside the container the clamp reads only the layer's fresh output. Returns the containers' names.
+    """
+    import torch.ao.nn.intrinsic as nni  # the float conv/linear + activation containers
+
+    changed = []
+    for name, module in _modules_called_by_graphs(model).items():
+        if (isinstance(module, nni._FusedModule) and len(module) == 2 and isinstance(module[1], Clamp)
+                and type(module[0]) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            module[1].inplace = True
+            changed.append(name)
+    return changed
 
 
 @torch.no_grad()

