@@ -12,8 +12,9 @@ may `view` the weight), and the change is undone if the model then fails on the 
 returns tensors in another layout, since a `view` downstream of a conv depends on the layout.
 
 The clamp (ReLU/ReLU6) fused after a float conv or linear then works on the layer's output in place, as
-torchvision's own `ReLU6(inplace=True)` does in the float model: a fresh output per call cost page faults
-(4.1 against 0.5 ms for conv + clamp at 96x112x112) and the layer's output is read by nothing else.
+torchvision's own `ReLU6(inplace=True)` does in the float model; the layer's output is read by nothing
+else. Writing a fresh tensor instead cost 4.1 against 0.5 ms for conv + clamp at 96x112x112 in a loop,
+and on MobileNetV2 with 11 blocks float (target_sqnr_db=30) 0.70 against 0.60 of float latency.
 """
 
 from __future__ import annotations

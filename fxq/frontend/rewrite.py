@@ -92,8 +92,7 @@ class Clamp(nn.Module):
 
     `high` is a float, or a per-channel tensor after cross-layer equalization rescaled the channels.
     `inplace` (set by backend.float_layout on a finished model, where the clamp follows a conv or linear
-    whose output nothing else reads) clamps the input in place when no gradient is being recorded: a
-    fresh 4.8 MB output per call (96x112x112) cost 4.1 ms against 0.5 ms in place (page faults).
+    whose output nothing else reads) clamps the input in place when no gradient is being recorded.
     """
 
     def __init__(self, low: float, high: float) -> None:
