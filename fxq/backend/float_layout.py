@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq.frontend.rewrite import Clamp
+from fxq.frontend.rewrite import Clamp, fused_clamp_class
 
 
 def _float_conv2d(module: nn.Module) -> nn.Conv2d | None:
@@ -57,20 +57,15 @@ def float_convs_called_by_graphs(model: nn.Module) -> dict[str, nn.Conv2d]:
     return {name: conv for name, conv in called if conv is not None}
 
 
-def clamp_float_layer_outputs_in_place(model: nn.Module) -> list[str]:
-    """Set `inplace` on the Clamp of each float conv/linear + clamp container fxq's graphs call.
+def clamp_float_layer_outputs_in_place(model: nn.Module) -> None:
+    """Set `inplace` on the Clamp of each float layer + clamp container (frontend.rewrite) fxq's graphs call.
 
-    Inside the container the clamp reads only the layer's fresh output. Returns the containers' names.
+    Inside the container the clamp reads only the layer's fresh output.
     """
-    import torch.ao.nn.intrinsic as nni  # the float conv/linear + activation containers
-
-    changed = []
-    for name, module in _modules_called_by_graphs(model).items():
-        if (isinstance(module, nni._FusedModule) and len(module) == 2 and isinstance(module[1], Clamp)
-                and type(module[0]) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            module[1].inplace = True
-            changed.append(name)
-    return changed
+    for module in _modules_called_by_graphs(model).values():
+        children = list(module.children())
+        if len(children) == 2 and isinstance(children[1], Clamp) and type(module) is fused_clamp_class(children[0]):
+            children[1].inplace = True
 
 
 @torch.no_grad()

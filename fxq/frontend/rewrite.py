@@ -120,7 +120,8 @@ class Clamp(nn.Module):
         return f"low={self.low}, high={self.high.max().item() if self.high.numel() else None}"
 
 
-def _fused_class(layer: nn.Module) -> type[nn.Module] | None:
+def fused_clamp_class(layer: nn.Module) -> type[nn.Module] | None:
+    """The float container that holds `layer` and the Clamp fused after it, or None if it cannot fuse."""
     import torch.ao.nn.intrinsic as nni  # fused float containers; the engine lowers them to int8 kernels
 
     table = {nn.Conv1d: nni.ConvReLU1d, nn.Conv2d: nni.ConvReLU2d, nn.Conv3d: nni.ConvReLU3d,
@@ -141,7 +142,7 @@ def fuse_clamping_activations(gm: fx.GraphModule) -> list[Rewrite]:
             continue
         producer = node.args[0]
         layer = get_module(gm, producer)
-        fused_class = _fused_class(layer) if layer is not None else None
+        fused_class = fused_clamp_class(layer) if layer is not None else None
         if fused_class is None or not single_user(producer):
             continue
         placeholder_relu = nn.ReLU()
