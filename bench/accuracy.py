@@ -79,11 +79,15 @@ def batch1_latency_ratio(float_model, int8_model, example) -> float:
     return row.int8_median_ms / row.float_median_ms
 
 
+# each row adds one technique to the row above it; the last row takes one out of the default
 FXQ_FLOWS = {
-    "fxq: fold BN + fuse clamps only": dict(equalize=False, bias_correction=False, optimize_rounding=False),
+    "fxq: fold BN + fuse clamps only (torch's histogram ranges)": dict(
+        activation_observer="histogram", equalize=False, bias_correction=False, optimize_rounding=False),
+    "fxq: + per-activation range choice": dict(equalize=False, bias_correction=False, optimize_rounding=False),
     "fxq: + equalization": dict(bias_correction=False, optimize_rounding=False),
     "fxq: + bias correction": dict(optimize_rounding=False),
     "fxq default (+ optimized rounding)": dict(),
+    "fxq default with torch's histogram ranges": dict(activation_observer="histogram"),
 }
 # accuracy-targeted mixed precision: blocks kept in float are chosen on the calibration crops
 MIXED_FLOWS = {

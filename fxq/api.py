@@ -319,6 +319,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
     with timer.step("calibrate"):
         run_batches(prepared, batches, progress=opts.progress)
+        range_choices = engine.range_choices(prepared)
     if on_simulation:
         with timer.step("simulation_pass"):
             simulation = engine.convert_reference(copy.deepcopy(prepared), choice, conv_adds)
@@ -347,7 +348,8 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         conversions=engine.count_conversions(quantized),
         estimated_latency_us={} if plan is None else {
             "float": plan.float_us, "every op int8": plan.all_int8_us, "fxq": plan.planned_us},
-        equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded), timings_s=timer.seconds)
+        equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded),
+        observer_choices=range_choices, timings_s=timer.seconds)
     return quantized, summary
 
 
@@ -469,6 +471,7 @@ def _quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: 
         float_ops=_untraceable_ops(around, summaries)
         + [(f"{r}: {what}", why) for r, s in summaries.items() for what, why in s.float_ops],
         conversions={k: sum(s.conversions.get(k, 0) for s in summaries.values()) for k in ("quantize", "dequantize")},
+        observer_choices={f"{r}.{n}": c for r, s in summaries.items() for n, c in s.observer_choices.items()},
         timings_s=dict(timer.seconds),
         notes=[f"{type(work).__name__}.forward does not trace ({reason}); quantized separately: "
                f"{', '.join(summaries) or 'nothing'}"])

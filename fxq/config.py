@@ -31,7 +31,7 @@ class Backend(str, enum.Enum):
 class Observer(str, enum.Enum):
     """How an activation's int8 range is chosen from calibration data."""
 
-    AUTO = "auto"  # per-layer choice among the candidates below by measured error
+    AUTO = "auto"  # per activation, the candidate range below with the least measured error (AutoRangeObserver)
     MINMAX = "minmax"
     MOVING_AVERAGE = "moving_average"
     HISTOGRAM = "histogram"

@@ -25,9 +25,10 @@ from torch.ao.quantization.qconfig_mapping import get_default_qat_qconfig_mappin
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx, prepare_qat_fx
 
 from fxq.backend import conv_add
-from fxq.backend.observers import MSEObserver, PercentileObserver
+from fxq.backend.observers import AutoRangeObserver, MSEObserver, PercentileObserver
 from fxq.config import Backend, Observer, QuantOptions, key_covers
 from fxq.errors import UnsupportedBackendError
+from fxq.frontend.graph import get_module
 
 # torch.ao prints a deprecation notice on every prepare/convert; fxq pins the version and says so once.
 warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization.*deprecated.*")
@@ -169,7 +170,7 @@ def _activation_observer(kind: Observer, reduce_range: bool):
         Observer.MINMAX: ao_observer.MinMaxObserver,
         Observer.MOVING_AVERAGE: ao_observer.MovingAverageMinMaxObserver,
         Observer.HISTOGRAM: ao_observer.HistogramObserver,
-        Observer.AUTO: ao_observer.HistogramObserver,
+        Observer.AUTO: AutoRangeObserver,
         Observer.PERCENTILE: PercentileObserver,
         Observer.MSE: MSEObserver,
     }
@@ -395,6 +396,19 @@ def observers(prepared: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def range_choices(prepared: fx.GraphModule) -> dict[str, str]:
+    """Which candidate range each calibrated activation observer with a per-activation choice
+    (observers.AutoRangeObserver) takes, keyed by the node whose output it observes."""
+    choices = {}
+    for node in prepared.graph.nodes:
+        observer = get_module(prepared, node)
+        if isinstance(observer, AutoRangeObserver) and node.args and isinstance(node.args[0], fx.Node):
+            observer.calculate_qparams()
+            source = node.args[0]
+            choices[str(source.target) if source.op == "call_module" else source.name] = observer.chosen or "default"
+    return choices
+
+
 def freeze_observers(qat_model: nn.Module) -> nn.Module:
     """Stop updating quantization ranges (the standard QAT recipe does this after a few epochs)."""
     qat_model.apply(torch.ao.quantization.disable_observer)
@@ -504,7 +518,7 @@ def _is_weighted_int8(module: nn.Module) -> bool:
 __all__ = [
     "EngineChoice", "WeightGrid", "weight_grid", "available_engines", "using_engine", "probe_kernel_saturation",
     "sums_exactly", "select_engine",
-    "build_static_qconfig_mapping", "prepare_static", "prepare_qat", "prepare_dynamic", "convert",
+    "build_static_qconfig_mapping", "range_choices", "prepare_static", "prepare_qat", "prepare_dynamic", "convert",
     "convert_reference", "observers", "freeze_observers", "freeze_bn_stats", "is_quantized_module",
     "WEIGHT_TYPES", "DYNAMIC_TYPES", "WeightedLayers", "weighted_layers", "repack_weights", "quantizes_op",
     "is_shape_op", "count_conversions",

@@ -1,4 +1,4 @@
-"""Activation observers PyTorch lacks: percentile and MSE-optimal ranges, both read off a histogram.
+"""Activation observers PyTorch lacks: percentile, MSE-optimal and per-activation chosen ranges, read off a histogram.
 
 They subclass torch.ao's HistogramObserver (which keeps a running histogram of everything it sees) and
 only change how the final range is chosen, so the engine's prepare/convert treat them like its own.
@@ -29,6 +29,38 @@ def range_quantization_mse(observer: HistogramObserver, low: float, high: float)
     return float((counts * error * error).sum() / counts.sum().clamp_min(1))
 
 
+def percentile_range(observer: HistogramObserver, percentile: float) -> tuple[float, float]:
+    """The range spanning the central `percentile` of the observed values (the low end stays the minimum
+    when nothing observed is negative)."""
+    cumulative = torch.cumsum(observer.histogram.to(torch.float64), 0)
+    cumulative = cumulative / cumulative[-1]
+    tail = (100.0 - percentile) / 100.0
+    edges = torch.linspace(float(observer.min_val), float(observer.max_val), observer.bins + 1, dtype=torch.float64)
+    low_index = int(torch.searchsorted(cumulative, torch.tensor(tail / 2, dtype=torch.float64)))
+    high_index = int(torch.searchsorted(cumulative, torch.tensor(1 - tail / 2, dtype=torch.float64)))
+    low = float(edges[low_index]) if float(observer.min_val) < 0 else float(observer.min_val)
+    return low, float(edges[min(high_index + 1, observer.bins)])
+
+
+def shrunk_ranges(observer: HistogramObserver, steps: int) -> list[tuple[float, float]]:
+    """The min-max range and `steps - 1` ranges shrunk towards zero by equal fractions."""
+    low, high = float(observer.min_val), float(observer.max_val)
+    ranges = []
+    for step in range(steps):
+        shrink = 1.0 - step / steps
+        ranges.append((low * shrink if low < 0 else low, high * shrink if high > 0 else high))
+    return ranges
+
+
+def least_error_range(observer: HistogramObserver, candidates: list[tuple[float, float]]) -> tuple[float, float]:
+    """The candidate range with the smallest quantization MSE over the observed histogram (the first on ties)."""
+    return min(candidates, key=lambda bounds: range_quantization_mse(observer, *bounds))
+
+
+def _observed(observer: HistogramObserver) -> bool:
+    return bool(observer.histogram.sum() > 0) and float(observer.max_val) != float(observer.min_val)
+
+
 class PercentileObserver(HistogramObserver):
     """Range spanning the given central percentile of observed values (clips rare outliers)."""
 
@@ -38,17 +70,9 @@ class PercentileObserver(HistogramObserver):
 
     @torch.jit.export
     def calculate_qparams(self):
-        if self.histogram.sum() == 0 or float(self.max_val) == float(self.min_val):
+        if not _observed(self):
             return super().calculate_qparams()
-        cumulative = torch.cumsum(self.histogram.to(torch.float64), 0)
-        cumulative = cumulative / cumulative[-1]
-        tail = (100.0 - self.percentile) / 100.0
-        edges = torch.linspace(float(self.min_val), float(self.max_val), self.bins + 1, dtype=torch.float64)
-        low_index = int(torch.searchsorted(cumulative, torch.tensor(tail / 2, dtype=torch.float64)))
-        high_index = int(torch.searchsorted(cumulative, torch.tensor(1 - tail / 2, dtype=torch.float64)))
-        low = float(edges[low_index]) if float(self.min_val) < 0 else float(self.min_val)
-        high = float(edges[min(high_index + 1, self.bins)])
-        return self._calculate_qparams(torch.tensor(low), torch.tensor(high))
+        return self._calculate_qparams(*map(torch.tensor, percentile_range(self, self.percentile)))
 
 
 class MSEObserver(HistogramObserver):
@@ -60,14 +84,41 @@ class MSEObserver(HistogramObserver):
 
     @torch.jit.export
     def calculate_qparams(self):
-        low, high = float(self.min_val), float(self.max_val)
-        if self.histogram.sum() == 0 or high == low:
+        if not _observed(self):
             return super().calculate_qparams()
-        best = (range_quantization_mse(self, low, high), low, high)
-        for step in range(1, self.steps):
-            shrink = 1.0 - step / self.steps
-            candidate = (low * shrink if low < 0 else low, high * shrink if high > 0 else high)
-            error = range_quantization_mse(self, *candidate)
-            if error < best[0]:
-                best = (error, *candidate)
-        return self._calculate_qparams(torch.tensor(best[1]), torch.tensor(best[2]))
+        return self._calculate_qparams(*map(torch.tensor, least_error_range(self, shrunk_ranges(self, self.steps))))
+
+
+class AutoRangeObserver(HistogramObserver):
+    """Per activation, the candidate range with the smallest quantization error measured on calibration data.
+
+    Candidates: min-max and its shrunk versions (MSEObserver's search), the central PERCENTILE, and torch's
+    own histogram search (HistogramObserver, torch.ao's default for x86). Each is scored by the expected
+    squared rounding and clipping error over the observed histogram; no single rule wins everywhere
+    (on MobileNetV2 the choice falls on each of histogram, mse and percentile somewhere).
+
+    On ImageNet MobileNetV2 (bench/probe.py, default options otherwise, AVX-512 VNNI, 8 pairs of crop
+    seeds 1/2 .. 15/16) torch's histogram search for every activation gave 20.39 dB logits SQNR on
+    average (19.99 to 20.87) and 86.7% top-1 agreement (84.0 to 89.8%); this choice 20.95 dB (20.68 to
+    21.23) and 88.1% (86.7 to 89.5%). On crops 1/2 alone min-max gave 20.10 dB, the 99.99th percentile
+    18.97, the MSE search alone 20.97, histogram 20.45, this choice 20.97.
+    """
+
+    PERCENTILE = 99.99
+
+    def __init__(self, steps: int = 100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.steps = steps
+        self.chosen = ""  # which candidate won, for the summary
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        if not _observed(self):
+            return super().calculate_qparams()
+        low, high = self._non_linear_param_search()
+        named = [("histogram", (float(low), float(high))), ("percentile", percentile_range(self, self.PERCENTILE))]
+        named += [("minmax" if index == 0 else "mse", bounds)
+                  for index, bounds in enumerate(shrunk_ranges(self, self.steps))]
+        bounds = least_error_range(self, [bounds for _, bounds in named])
+        self.chosen = next(name for name, candidate in named if candidate == bounds)
+        return self._calculate_qparams(*map(torch.tensor, bounds))

@@ -69,6 +69,7 @@ class Structure:
     estimated_latency_us: dict[str, float] = field(default_factory=dict)
     int8_layers: int = 0  # conv/linear calls that run int8 kernels
     seven_bit_weights: bool | None = None
+    range_choices: dict[str, str] = field(default_factory=dict)  # activation -> chosen range rule
 
 
 @dataclass
@@ -128,6 +129,9 @@ class Report:
                 + ([["quantize / dequantize per call",
                      f"{structure.conversions.get('quantize', 0)} / {structure.conversions.get('dequantize', 0)}"]]
                    if structure.conversions else [])
+                + ([["activation ranges chosen", ", ".join(
+                    f"{rule} {count}" for rule, count in Counter(structure.range_choices.values()).most_common())]]
+                   if structure.range_choices else [])
                 + [[f"pattern {name}", count] for name, count in _pattern_counts(structure.patterns).items()],
                 tablefmt=tablefmt)),
         ]
@@ -238,7 +242,8 @@ def describe_structure(quantized_model: nn.Module) -> Structure:
                      summary.reduce_range, list(summary.patterns),
                      [tuple(pair) for pair in summary.float_layers], dict(summary.options),
                      [tuple(pair) for pair in summary.float_ops], dict(summary.conversions),
-                     dict(summary.estimated_latency_us), len(layers.int8), summary.seven_bit_weights)
+                     dict(summary.estimated_latency_us), len(layers.int8), summary.seven_bit_weights,
+                     dict(summary.observer_choices))
 
 
 def report(float_model: nn.Module, quantized_model: nn.Module, example_inputs: Any, *,
