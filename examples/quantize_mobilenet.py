@@ -26,7 +26,8 @@ from fxq.samples import pretrained_mobilenet_v2, random_crops
 CALIBRATION_CROPS = 64
 CALIBRATION_BATCH = 16
 EVAL_CROPS = 128
-# `--fast` drops GPTQ-style optimized rounding and histogram ranges, the two slowest steps.
+# `--fast` drops GPTQ-style optimized rounding and the per-activation range choice (histogram searches),
+# the two slowest steps.
 FAST_OPTIONS: dict[str, Any] = dict(optimize_rounding=False, activation_observer="minmax")
 
 # torch announces the deprecation of torch.ao int8 tensors and TorchScript on every call; fxq pins torch.

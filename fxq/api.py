@@ -349,7 +349,9 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         estimated_latency_us={} if plan is None else {
             "float": plan.float_us, "every op int8": plan.all_int8_us, "fxq": plan.planned_us},
         equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded),
-        observer_choices=range_choices, timings_s=timer.seconds)
+        observer_choices={**range_choices,
+                          **{f"{r}.{n}": c for r, s in parts.items() for n, c in s.observer_choices.items()}},
+        timings_s=timer.seconds)
     return quantized, summary
 
 

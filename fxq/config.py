@@ -31,7 +31,8 @@ class Backend(str, enum.Enum):
 class Observer(str, enum.Enum):
     """How an activation's int8 range is chosen from calibration data."""
 
-    AUTO = "auto"  # per activation, the candidate range below with the least measured error (AutoRangeObserver)
+    AUTO = "auto"  # per activation, the range with the least error on its calibration histogram, among min-max,
+    # shrunk min-max (mse), percentile and histogram (backend.observers.AutoRangeObserver)
     MINMAX = "minmax"
     MOVING_AVERAGE = "moving_average"
     HISTOGRAM = "histogram"

@@ -65,6 +65,11 @@ def test_renderings(tiny_report):
     assert "|" in markdown and "SQNR dB" in markdown
     text = str(tiny_report)
     assert "serialized MB" in text and "int8 modules" in text
+    # the per-activation range choices (activation_observer="auto"), counted by rule
+    counts = tiny_report.structure.range_choices
+    assert counts and "activation ranges chosen" in text
+    assert sum(int(part.split()[-1]) for part in text.split("activation ranges chosen")[1].splitlines()[0]
+               .strip(" |").split(", ")) == len(counts)
 
 
 def test_threads_setting_is_restored():

@@ -405,7 +405,7 @@ def range_choices(prepared: fx.GraphModule) -> dict[str, str]:
         if isinstance(observer, AutoRangeObserver) and node.args and isinstance(node.args[0], fx.Node):
             observer.calculate_qparams()
             source = node.args[0]
-            choices[str(source.target) if source.op == "call_module" else source.name] = observer.chosen or "default"
+            choices[str(source.target) if source.op == "call_module" else source.name] = observer.chosen
     return choices
 
 

@@ -61,10 +61,20 @@ def _observed(observer: HistogramObserver) -> bool:
     return bool(observer.histogram.sum() > 0) and float(observer.max_val) != float(observer.min_val)
 
 
+def _qparams(observer: HistogramObserver, bounds: tuple[float, float]):
+    """The observer's (scale, zero_point) for the range `bounds`."""
+    like = dict(dtype=observer.min_val.dtype, device=observer.min_val.device)
+    return observer._calculate_qparams(torch.tensor(bounds[0], **like), torch.tensor(bounds[1], **like))
+
+
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_STEPS = 100
+
+
 class PercentileObserver(HistogramObserver):
     """Range spanning the given central percentile of observed values (clips rare outliers)."""
 
-    def __init__(self, percentile: float = 99.99, **kwargs) -> None:
+    def __init__(self, percentile: float = DEFAULT_PERCENTILE, **kwargs) -> None:
         super().__init__(**kwargs)
         self.percentile = percentile
 
@@ -72,13 +82,13 @@ class PercentileObserver(HistogramObserver):
     def calculate_qparams(self):
         if not _observed(self):
             return super().calculate_qparams()
-        return self._calculate_qparams(*map(torch.tensor, percentile_range(self, self.percentile)))
+        return _qparams(self, percentile_range(self, self.percentile))
 
 
 class MSEObserver(HistogramObserver):
     """Range minimizing the expected quantization MSE over the observed histogram (grid search)."""
 
-    def __init__(self, steps: int = 100, **kwargs) -> None:
+    def __init__(self, steps: int = DEFAULT_STEPS, **kwargs) -> None:
         super().__init__(**kwargs)
         self.steps = steps
 
@@ -86,13 +96,14 @@ class MSEObserver(HistogramObserver):
     def calculate_qparams(self):
         if not _observed(self):
             return super().calculate_qparams()
-        return self._calculate_qparams(*map(torch.tensor, least_error_range(self, shrunk_ranges(self, self.steps))))
+        return _qparams(self, least_error_range(self, shrunk_ranges(self, self.steps)))
 
 
-class AutoRangeObserver(HistogramObserver):
-    """Per activation, the candidate range with the smallest quantization error measured on calibration data.
+class AutoRangeObserver(MSEObserver):
+    """Per activation, the candidate range with the least quantization error, estimated on its calibration
+    histogram.
 
-    Candidates: min-max and its shrunk versions (MSEObserver's search), the central PERCENTILE, and torch's
+    Candidates: min-max and its shrunk versions (MSEObserver's search), the central DEFAULT_PERCENTILE, and torch's
     own histogram search (HistogramObserver, torch.ao's default for x86). Each is scored by the expected
     squared rounding and clipping error over the observed histogram; no single rule wins everywhere
     (on MobileNetV2 the choice falls on each of histogram, mse and percentile somewhere).
@@ -104,21 +115,19 @@ class AutoRangeObserver(HistogramObserver):
     18.97, the MSE search alone 20.97, histogram 20.45, this choice 20.97.
     """
 
-    PERCENTILE = 99.99
+    def __init__(self, steps: int = DEFAULT_STEPS, **kwargs) -> None:
+        super().__init__(steps=steps, **kwargs)
+        self.chosen = ""  # which candidate won, for the summary ("" before any range was chosen)
 
-    def __init__(self, steps: int = 100, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.steps = steps
-        self.chosen = ""  # which candidate won, for the summary
-
-    @torch.jit.export
     def calculate_qparams(self):
         if not _observed(self):
-            return super().calculate_qparams()
+            self.chosen = "constant"
+            return HistogramObserver.calculate_qparams(self)
         low, high = self._non_linear_param_search()
-        named = [("histogram", (float(low), float(high))), ("percentile", percentile_range(self, self.PERCENTILE))]
-        named += [("minmax" if index == 0 else "mse", bounds)
-                  for index, bounds in enumerate(shrunk_ranges(self, self.steps))]
+        shrunk = shrunk_ranges(self, self.steps)
+        named = [("histogram", (float(low), float(high))), ("percentile", percentile_range(self, DEFAULT_PERCENTILE))]
+        named += [("minmax" if index == 0 else "mse", bounds) for index, bounds in enumerate(shrunk)]
         bounds = least_error_range(self, [bounds for _, bounds in named])
-        self.chosen = next(name for name, candidate in named if candidate == bounds)
-        return self._calculate_qparams(*map(torch.tensor, bounds))
+        # equal ranges from different rules (percentile and histogram often return min-max) are min-max
+        self.chosen = "minmax" if bounds == shrunk[0] else next(name for name, candidate in named if candidate == bounds)
+        return _qparams(self, bounds)
