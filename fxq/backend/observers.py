@@ -117,17 +117,37 @@ class AutoRangeObserver(MSEObserver):
 
     def __init__(self, steps: int = DEFAULT_STEPS, **kwargs) -> None:
         super().__init__(steps=steps, **kwargs)
-        self.chosen = ""  # which candidate won, for the summary ("" before any range was chosen)
+        # (rule, range) once chosen: quantize reads the qparams several times after calibration (the
+        # summary, the float simulation, each candidate engine's convert), ~8 ms of search each time
+        self._choice: tuple[str, tuple[float, float]] | None = None
+
+    @property
+    def chosen(self) -> str:
+        """Which candidate won, for the summary ("" before any range was chosen)."""
+        return self._choice[0] if self._choice is not None else ""
+
+    def forward(self, x_orig):
+        self._choice = None  # new data: choose again
+        return super().forward(x_orig)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._choice = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def calculate_qparams(self):
         if not _observed(self):
-            self.chosen = "constant"
+            self._choice = ("constant", (float(self.min_val), float(self.max_val)))
             return HistogramObserver.calculate_qparams(self)
+        if self._choice is None:
+            self._choice = self._choose()
+        return _qparams(self, self._choice[1])
+
+    def _choose(self) -> tuple[str, tuple[float, float]]:
         low, high = self._non_linear_param_search()
         shrunk = shrunk_ranges(self, self.steps)
         named = [("histogram", (float(low), float(high))), ("percentile", percentile_range(self, DEFAULT_PERCENTILE))]
         named += [("minmax" if index == 0 else "mse", bounds) for index, bounds in enumerate(shrunk)]
         bounds = least_error_range(self, [bounds for _, bounds in named])
         # equal ranges from different rules (percentile and histogram often return min-max) are min-max
-        self.chosen = "minmax" if bounds == shrunk[0] else next(name for name, candidate in named if candidate == bounds)
-        return _qparams(self, bounds)
+        rule = "minmax" if bounds == shrunk[0] else next(name for name, candidate in named if candidate == bounds)
+        return rule, bounds
