@@ -36,10 +36,9 @@ from fxq.calibration import Batch, materialize
 from fxq.config import Mode, QuantOptions, with_float
 from fxq.errors import ConfigError, FxqError, InputError, TraceError
 from fxq.frontend.patterns import find_patterns
-from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
+from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations, unwrap
 from fxq.frontend.trace import trace_model
 from fxq.recovery.equalization import equalize
-from fxq.recovery.layers import unwrap
 from fxq.summary import summary_of
 from fxq.validate import as_example_inputs, check_model, run_example
 

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq.frontend.rewrite import Clamp, fused_clamp_class
+from fxq.frontend.rewrite import fused_clamp_class, unwrap
 
 
 def _float_conv2d(module: nn.Module) -> nn.Conv2d | None:
@@ -63,9 +63,9 @@ def clamp_float_layer_outputs_in_place(model: nn.Module) -> None:
     Inside the container the clamp reads only the layer's fresh output.
     """
     for module in _modules_called_by_graphs(model).values():
-        children = list(module.children())
-        if len(children) == 2 and isinstance(children[1], Clamp) and type(module) is fused_clamp_class(children[0]):
-            children[1].inplace = True
+        layer, clamp = unwrap(module)
+        if clamp is not None and type(module) is fused_clamp_class(layer):
+            clamp.inplace = True
 
 
 @torch.no_grad()

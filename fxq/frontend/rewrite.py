@@ -120,6 +120,19 @@ class Clamp(nn.Module):
         return f"low={self.low}, high={self.high.max().item() if self.high.numel() else None}"
 
 
+WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def unwrap(module: nn.Module | None) -> tuple[nn.Module | None, Clamp | None]:
+    """(weighted layer, clamp) of a plain conv/linear or of a fused container holding one."""
+    if isinstance(module, WEIGHTED):
+        return module, None
+    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], WEIGHTED):
+        clamp = module[1] if isinstance(module[1], Clamp) else None
+        return module[0], clamp
+    return None, None
+
+
 def fused_clamp_class(layer: nn.Module) -> type[nn.Module] | None:
     """The float container that holds `layer` and the Clamp fused after it, or None if it cannot fuse."""
     import torch.ao.nn.intrinsic as nni  # fused float containers; the engine lowers them to int8 kernels
@@ -167,4 +180,5 @@ def _recompile(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-__all__ = ["Rewrite", "fold_batchnorm", "fuse_clamping_activations", "clamp_bounds", "Clamp"]
+__all__ = ["Rewrite", "fold_batchnorm", "fuse_clamping_activations", "clamp_bounds", "Clamp", "WEIGHTED", "unwrap",
+           "fused_clamp_class"]

@@ -34,7 +34,8 @@ from torch import fx, nn
 
 from fxq.calibration import Batch
 from fxq.frontend.graph import get_module
-from fxq.recovery.layers import channel_axis_shape, is_depthwise, non_channel_dims, unwrap
+from fxq.frontend.rewrite import unwrap
+from fxq.recovery.layers import channel_axis_shape, is_depthwise, non_channel_dims
 
 MIN_SCALE = 1e-3
 # A channel whose calibrated maximum is this close to its clamp's ceiling counts as reaching it.

@@ -10,20 +10,7 @@ from torch import fx, nn
 from fxq.calibration import Batch
 from fxq.config import key_covers
 from fxq.frontend.graph import get_module
-from fxq.frontend.rewrite import Clamp
-
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-
-
-def unwrap(module: nn.Module | None) -> tuple[nn.Module | None, Clamp | None]:
-    """(weighted layer, clamp) of a plain conv/linear or of a fused container holding one."""
-    if isinstance(module, WEIGHTED):
-        return module, None
-    if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], WEIGHTED):
-        clamp = module[1] if isinstance(module[1], Clamp) else None
-        return module[0], clamp
-    return None, None
-
+from fxq.frontend.rewrite import Clamp, unwrap
 
 def weighted_nodes(gm: fx.GraphModule,
                    skip: Iterable[str | type] = ()) -> Iterator[tuple[fx.Node, nn.Module, Clamp | None]]:

@@ -20,8 +20,8 @@ from torch import fx, nn
 from fxq.calibration import Batch
 from fxq.config import key_covers
 from fxq.frontend.graph import get_module
-from fxq.frontend.rewrite import Clamp
-from fxq.recovery.layers import channel_axis_shape, unwrap
+from fxq.frontend.rewrite import Clamp, unwrap
+from fxq.recovery.layers import channel_axis_shape
 
 # Samples held at once: every image's activations at the current layer, in both graphs.
 MAX_SAMPLES = 64
