@@ -13,6 +13,7 @@ from fxq.frontend.trace import trace_model
 from fxq.recovery.equalization import equalize, find_groups
 from fxq.recovery.layers import weighted_nodes
 from fxq.recovery import rounding
+from fxq.recovery.bias_correction import correct_bias
 from fxq.recovery.layerwise import PairedLayer
 from fxq.recovery.rounding import optimize_rounding, refit_on_quantized_inputs
 from fxq.recovery.simulation_pass import recover_on_simulation
@@ -123,6 +124,38 @@ def test_bias_correction_removes_mean_shift_left_by_upstream_quantization(simula
     assert len(corrections) == 53  # every conv and the classifier
     assert after < 0.5 * before, (float(before), float(after))  # measured on images it was not fitted on
     assert after_db > before_db + 1.0, (before_db, after_db)
+
+
+def test_bias_correction_after_a_clamp_minimizes_the_clamped_error():
+    """Zero-mean input noise before a ReLU: where the float output is positive the error averages zero, so
+    the mean over those positions (the estimate this replaced) leaves the bias alone, but the noise the
+    ReLU lets through where the float output is negative is all positive. The correction, a Newton step on
+    the squared error of the clamped outputs, lowers the bias and that error, on samples it was not
+    fitted on too."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 4)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(4))
+        layer.bias.zero_()
+
+    def noisy(count):
+        float_inputs = [torch.randn(4000, 4) for _ in range(count)]
+        return float_inputs, [x + 0.5 * torch.randn_like(x) for x in float_inputs]
+
+    def clamped_mse(model, samples):
+        x, noisy_x = samples
+        with torch.no_grad():
+            error = torch.relu(model(torch.cat(noisy_x))) - torch.relu(layer(torch.cat(x)))
+        return float(error.pow(2).mean())
+
+    fitted, held_out = noisy(2), noisy(1)  # (float inputs, simulated inputs)
+    simulated = copy.deepcopy(layer)
+    pair = PairedLayer("layer", simulated, layer, Clamp(0.0, float("inf")), fitted[1], fitted[0])
+    before = clamped_mse(simulated, held_out)
+    correction = correct_bias(pair)
+    assert correction.mean_shift > 0.1, correction  # the masked mean would be ~0 here
+    assert (simulated.bias < -0.1).all(), simulated.bias
+    assert clamped_mse(simulated, held_out) < 0.95 * before, (before, clamped_mse(simulated, held_out))
 
 
 def test_optimized_rounding_beats_nearest(folded, batches, eval_crops, mobilenet):

@@ -8,9 +8,20 @@ inputs, leaves the second. Here each layer of the simulation (see layerwise.py) 
 the mean difference between its simulated and float outputs, measured after every earlier layer was
 corrected, so it also removes the shift that earlier layers' quantization left in its inputs.
 
-Only positions where the float output lies inside its fused clamp's linear range count. An error on
-a value the clamp cuts off is cut off with it; averaging those in as well made MobileNetV2's float
-simulation worse (13.2 dB against 15.8 dB uncorrected), while the masked mean gave 17.6 dB.
+After a fused clamp (ReLU, ReLU6) the shift that matters is the one left in the clamped output: an
+error on a value the clamp cuts off is cut off with it. A plain mean over all positions counts those
+too; on MobileNetV2 it made the float simulation worse than no correction (13.2 against 15.8 dB). The
+mean over the positions where the *float* output lies inside the clamp's linear range gave 17.6 dB
+there, but it is biased: it leaves out positions the simulation puts inside the range and the float
+model does not, where the clamp lets the error through. On ResNet-50 (random weights, BatchNorm
+statistics from crops, 7-bit weights on a saturating kernel) it lowered logits SQNR from 14.1 to 12.9 dB,
+on the calibration crops too. The shift is therefore a Newton step on the squared error of the clamped
+outputs: the mean of (simulated - clamped float) over the positions where the *simulated* output is in
+the linear range (elsewhere the clamp makes the gradient zero). ResNet-50 then gains 0.3 dB from the
+correction (14.4 dB) instead of losing 1.3; MobileNetV2 stays where it was (20.94 against 20.97 dB,
+top-1 agreement 88.7 against 87.1%, VNNI kernels). A second step moved the shift by 3% of the first
+(median over MobileNetV2's layers); more steps (2 on MobileNetV2, 4 on ResNet-50) changed logits SQNR by
+less than 0.1 dB.
 """
 
 from __future__ import annotations
@@ -31,17 +42,24 @@ class BiasCorrection:
 
 @torch.no_grad()
 def correct_bias(pair: PairedLayer) -> BiasCorrection | None:
-    """Remove from the simulated layer's bias its mean output shift against the float layer."""
+    """Remove from the simulated layer's bias its mean output shift against the float layer (after the
+    fused clamp, if any: see the module docstring)."""
     layer = pair.simulated
     if layer.bias is None:
         return None
-    shift_sum, counted = 0, 0
+    total, counted = 0, 0
     for simulated_x, float_x in zip(pair.simulated_inputs, pair.float_inputs):
-        float_out = pair.float_layer(float_x)
-        inside = pair.linear_region(float_out)
-        dims = non_channel_dims(float_out, pair.float_layer)
-        shift_sum = shift_sum + ((layer(simulated_x) - float_out) * inside).sum(dim=dims)
-        counted = counted + inside.sum(dim=dims)
-    shift = shift_sum / torch.as_tensor(counted).clamp_min(1)
+        simulated, reference = layer(simulated_x), pair.float_layer(float_x)
+        dims = non_channel_dims(reference, pair.float_layer)
+        if pair.clamp is None:
+            summed = (simulated - reference).sum(dim=dims)
+            total, counted = total + summed, counted + simulated.numel() // summed.numel()
+        else:
+            # where the clamp passes the simulated output unchanged; a float mask sums faster than a bool one
+            inside = pair.linear_region(simulated).to(simulated.dtype)
+            total = total + ((simulated - pair.clamp(reference)) * inside).sum(dim=dims)
+            counted = counted + inside.sum(dim=dims)
+    shift = total / torch.as_tensor(counted).clamp_min(1)
     layer.bias.sub_(shift)
     return BiasCorrection(pair.name, float(shift.abs().mean()))
+
