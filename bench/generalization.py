@@ -12,6 +12,10 @@ less than trained ones, so top-1 agreement moves by several points between runs 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see bench/suite.py)
+
 import argparse
 import time
 import warnings
@@ -21,9 +25,10 @@ from tabulate import tabulate
 
 import fxq
 from accuracy import sqnr_db
+from fxq.backend.engine import using_engine
 from fxq.report.latency import cpu_name, isa_limits
 from fxq.samples import random_crops
-from suite import DATA_BATCH, build_float_model, quantize_native_fx
+from suite import DATA_BATCH, NATIVE_ENGINE, build_float_model, quantize_native_fx
 
 warnings.filterwarnings("ignore")
 
@@ -33,6 +38,11 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "shuf
 def logits(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(chunk) for chunk in crops.split(DATA_BATCH)])
+
+
+def fxq_with_engine(model: torch.nn.Module, calibration: list[torch.Tensor]) -> tuple[torch.nn.Module, str]:
+    quantized = fxq.quantize(model, (calibration[0][:1],), calibration_data=calibration)
+    return quantized, fxq.summary_of(quantized).engine
 
 
 def main() -> None:
@@ -51,12 +61,13 @@ def main() -> None:
         model, weights = build_float_model(name, batchnorm_crops)
         reference = logits(model, evaluation)
         row = [name, weights]
-        for quantize in (lambda: quantize_native_fx(model, calibration),
-                         lambda: fxq.quantize(model, (calibration[0][:1],), calibration_data=calibration)):
+        for quantize in (lambda: (quantize_native_fx(model, calibration), NATIVE_ENGINE),
+                         lambda: fxq_with_engine(model, calibration)):
             start = time.perf_counter()
-            quantized = quantize()
+            quantized, engine = quantize()
             seconds = time.perf_counter() - start
-            output = logits(quantized, evaluation)
+            with using_engine(engine):  # each int8 model runs on the engine it was converted for
+                output = logits(quantized, evaluation)
             agreement = float((output.argmax(1) == reference.argmax(1)).float().mean())
             row += [round(sqnr_db(reference, output), 2), f"{100 * agreement:.1f}%", round(seconds, 1)]
         rows.append(row)

@@ -38,16 +38,16 @@ class PairedLayer:
     simulated_inputs: list[torch.Tensor]  # one per calibration batch
     float_inputs: list[torch.Tensor]
 
-    def linear_region(self, float_output: torch.Tensor) -> torch.Tensor:
-        """Where the fused clamp passes the float output through unchanged (errors elsewhere are cut off)."""
+    def linear_region(self, output: torch.Tensor) -> torch.Tensor:
+        """Where the fused clamp passes this layer's output (float or simulated) through unchanged."""
         if self.clamp is None:
-            return torch.ones_like(float_output, dtype=torch.bool)
-        inside = float_output > self.clamp.low
+            return torch.ones_like(output, dtype=torch.bool)
+        inside = output > self.clamp.low
         if self.clamp.bounded:
             high = self.clamp.high
             if high.numel() > 1:
                 high = high.reshape(channel_axis_shape(self.float_layer, high.numel()))
-            inside &= float_output < high
+            inside &= output < high
         return inside
 
 
