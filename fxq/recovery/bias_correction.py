@@ -63,4 +63,3 @@ def correct_bias(pair: PairedLayer) -> BiasCorrection | None:
     shift = total / torch.as_tensor(counted).clamp_min(1)
     layer.bias.sub_(shift)
     return BiasCorrection(pair.name, float(shift.abs().mean()))
-

@@ -12,6 +12,7 @@ from fxq.config import key_covers
 from fxq.frontend.graph import get_module
 from fxq.frontend.rewrite import Clamp, unwrap
 
+
 def weighted_nodes(gm: fx.GraphModule,
                    skip: Iterable[str | type] = ()) -> Iterator[tuple[fx.Node, nn.Module, Clamp | None]]:
     """Weighted layers in graph order, leaving out those `skip` keeps in float (keep_float keys).
