@@ -6,6 +6,7 @@ The user's model is never touched: every step works on a deep copy in eval mode 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 import weakref
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
+from fxq.backend.weight_bits import measure_weight_bits, with_weight_grid
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
 from fxq.config import Mode, QuantOptions
 from fxq.errors import CalibrationError, ConfigError, FxqError, InputError, TraceError
@@ -307,10 +309,6 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     else:
         float_ops = _float_ops(gm, None, leaves)
     float_keys = tuple(keep_float) + tuple(island_modules)  # recovery passes skip these layers
-    rounded, grid = {}, engine.weight_grid(opts, choice)
-    if opts.optimize_rounding:
-        with timer.step("rounding"):
-            rounded = optimize_rounding(gm, batches, grid, skip=float_keys)
     on_simulation = opts.bias_correction or opts.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
     with timer.step("prepare"):
@@ -320,6 +318,19 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     with timer.step("calibrate"):
         run_batches(prepared, batches, progress=opts.progress)
         range_choices = engine.range_choices(prepared)
+    grid, weight_bits = engine.weight_grid(opts, choice), []
+    if grid.seven_bit:
+        with timer.step("weight_bits"):
+            weight_bits = measure_weight_bits(prepared, choice, grid, batches[0], tuple(conv_adds))
+            grid = dataclasses.replace(grid, eight_bit_layers=frozenset(
+                m.name for m in weight_bits if m.keeps_eight_bits))
+            with_weight_grid(prepared, grid)
+            choice = dataclasses.replace(choice, reason=f"{choice.reason}; {len(grid.eight_bit_layers)} of "
+                                         f"{len(weight_bits)} layers measured not to overflow keep 8-bit weights")
+    rounded = {}
+    if opts.optimize_rounding:
+        with timer.step("rounding"):  # on the float graph: prepare fused modules of `gm` in place
+            rounded = optimize_rounding(float_gm, batches, grid, skip=float_keys)
     if on_simulation:
         with timer.step("simulation_pass"):
             simulation = engine.convert_reference(copy.deepcopy(prepared), choice, conv_adds)
@@ -348,6 +359,8 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         conversions=engine.count_conversions(quantized),
         estimated_latency_us={} if plan is None else {
             "float": plan.float_us, "every op int8": plan.all_int8_us, "fxq": plan.planned_us},
+        eight_bit_weight_layers=sorted(grid.eight_bit_layers)
+        + [f"{r}.{n}" for r, s in parts.items() for n in s.eight_bit_weight_layers],
         equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded),
         observer_choices={**range_choices,
                           **{f"{r}.{n}": c for r, s in parts.items() for n, c in s.observer_choices.items()}},
@@ -466,6 +479,7 @@ def _quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: 
         reduce_range=any(s.reduce_range for s in summaries.values()),
         kernel_saturates=any(s.kernel_saturates for s in summaries.values()),
         seven_bit_weights=any(s.seven_bit_weights for s in summaries.values()),
+        eight_bit_weight_layers=[f"{r}.{n}" for r, s in summaries.items() for n in s.eight_bit_weight_layers],
         float_layers=_untraceable_layers(work, around)
         + [(f"{r}.{n}", why) for r, s in summaries.items() for n, why in s.float_layers],
         patterns=[f"{r}.{p}" for r, s in summaries.items() for p in s.patterns],

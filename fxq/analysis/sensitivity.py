@@ -458,7 +458,7 @@ def _check_reference(pairs: Sequence[LayerPair], grid: WeightGrid) -> None:
             raise FxqError(f"{pair.name}: float reference weight {tuple(float_weight.shape)} does not match the "
                            f"int8 weight {tuple(int8_weight.shape)}; fxq.analysis.sensitivity.float_reference "
                            "no longer mirrors fxq.quantize's pipeline")
-        expected, _, _ = weight_qparams(float_weight, grid)
+        expected, _, _ = weight_qparams(float_weight, grid.of(pair.name))
         if int8_weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             actual = int8_weight.q_per_channel_scales().float()
         else:
@@ -542,7 +542,8 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
                          "fxq.sensitivity reuses cached float values and cannot run them. Write them out of "
                          "place (y = x.relu() instead of x.relu_(), ReLU(inplace=False))")
     pairs = pair_layers(reference, quantized)
-    _check_reference(pairs, WeightGrid(options.per_channel_weights, summary.seven_bit_weights))
+    _check_reference(pairs, WeightGrid(options.per_channel_weights, summary.seven_bit_weights,
+                                       frozenset(summary.eight_bit_weight_layers)))
     timings["float_reference"] = round(time.perf_counter() - start, 3)
 
     shadow = run_side_by_side(reference, quantized, pairs, eval_batches, summary.engine,

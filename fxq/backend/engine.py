@@ -71,9 +71,15 @@ class WeightGrid:
 
     per_channel: bool = True
     seven_bit: bool = False
+    # layers that keep 8-bit weights on a saturating kernel, measured not to overflow (backend.weight_bits)
+    eight_bit_layers: frozenset[str] = frozenset()
 
     def observer(self):
         return _weight_observer(self.per_channel, self.seven_bit)
+
+    def of(self, layer: str) -> WeightGrid:
+        """The grid of one layer, by module name."""
+        return WeightGrid(self.per_channel, self.seven_bit and layer not in self.eight_bit_layers)
 
 
 def weight_grid(options: QuantOptions, choice: EngineChoice) -> WeightGrid:
@@ -160,7 +166,7 @@ def select_engine(options: QuantOptions) -> EngineChoice:
         # on ImageNet MobileNetV2 (AMD EPYC, AVX2, no VNNI) 7-bit activations gave 13.4 dB logits SQNR,
         # 7-bit weights 19.3 dB (bench/accuracy.py). NNCF's overflow fix makes the same trade.
         why += ("; probe: int8 conv saturates 16-bit pair sums on this CPU (no VNNI): weights are 7-bit "
-                "(-64..64), activations 8-bit")
+                "(-64..64) except where measured not to overflow (backend.weight_bits), activations 8-bit")
     return EngineChoice(engine, reduce_range, saturates, why)
 
 

@@ -7,9 +7,9 @@ is pushed onto the columns not yet rounded, weighted by the inverse of the layer
 H = E[x x^T] measured on calibration data. That minimizes ||(W - W_q) x||^2 on real inputs, at the cost
 of one Cholesky factorization per layer (per channel for depthwise convs).
 
-The quantization grid (per-channel symmetric scale from the float weight; 8-bit, or 7-bit where the
-int8 kernel would saturate: backend.engine.WeightGrid) is the engine's own, so the values computed here
-are installed into the converted int8 modules unchanged.
+The quantization grid (per-channel symmetric scale from the float weight; 8-bit, or 7-bit in the layers
+where the int8 kernel would saturate: backend.engine.WeightGrid, backend.weight_bits) is the engine's
+own, so the values computed here are installed into the converted int8 modules unchanged.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], grid: Weight
         if name not in moments:
             continue
         weight = layer.weight.detach()
-        scale, quant_min, quant_max = weight_qparams(weight, grid)
+        scale, quant_min, quant_max = weight_qparams(weight, grid.of(name))
         grouped, row_scale = _grouped(layer, weight, scale)
         values = _round_columns(grouped, moments[name], row_scale, quant_min, quant_max)
         rounded[name] = RoundedWeight(values.reshape(weight.shape), scale, quant_min, quant_max)
@@ -249,7 +249,7 @@ def refit_on_quantized_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()
     if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):
         return None
     weight = layer.weight.detach()
-    scale, quant_min, quant_max = weight_qparams(weight, grid)
+    scale, quant_min, quant_max = weight_qparams(weight, grid.of(pair.name))
     grouped, row_scale = _grouped(layer, weight, scale)
     grouped = grouped.double()
     total_moment, total_cross = sum(moments), sum(crosses)

@@ -69,6 +69,7 @@ class Structure:
     estimated_latency_us: dict[str, float] = field(default_factory=dict)
     int8_layers: int = 0  # conv/linear calls that run int8 kernels
     seven_bit_weights: bool | None = None
+    eight_bit_weight_layers: int = 0  # layers that keep 8-bit weights where the rest have 7 (backend.weight_bits)
     range_choices: dict[str, str] = field(default_factory=dict)  # activation -> chosen range rule
 
 
@@ -125,7 +126,7 @@ class Report:
                  ["backend", structure.engine or "unknown (no fxq summary)"],
                  ["backend reason", structure.engine_reason or ""],
                  ["activation / weight bits", "unknown" if structure.reduce_range is None else
-                  f"{7 if structure.reduce_range else 8} / {7 if structure.seven_bit_weights else 8}"]]
+                  f"{7 if structure.reduce_range else 8} / {_weight_bits(structure)}"]]
                 + ([["quantize / dequantize per call",
                      f"{structure.conversions.get('quantize', 0)} / {structure.conversions.get('dequantize', 0)}"]]
                    if structure.conversions else [])
@@ -156,6 +157,13 @@ def fallback_table(structure: Structure, tablefmt: str = "simple") -> str:
         estimates = ", ".join(f"{name} {value / 1000:.2f} ms" for name, value in structure.estimated_latency_us.items())
         text += f"\n\ncost model estimate of the quantizable ops and conversions: {estimates}"
     return text
+
+
+def _weight_bits(structure: Structure) -> str:
+    if not structure.seven_bit_weights:
+        return "8"
+    kept = structure.eight_bit_weight_layers
+    return f"7 (8 in {kept} layer(s) measured not to saturate)" if kept else "7"
 
 
 def _pattern_counts(patterns: Sequence[str]) -> dict[str, int]:
@@ -243,7 +251,7 @@ def describe_structure(quantized_model: nn.Module) -> Structure:
                      [tuple(pair) for pair in summary.float_layers], dict(summary.options),
                      [tuple(pair) for pair in summary.float_ops], dict(summary.conversions),
                      dict(summary.estimated_latency_us), len(layers.int8), summary.seven_bit_weights,
-                     dict(summary.observer_choices))
+                     len(summary.eight_bit_weight_layers), dict(summary.observer_choices))
 
 
 def report(float_model: nn.Module, quantized_model: nn.Module, example_inputs: Any, *,

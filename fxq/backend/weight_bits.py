@@ -1,0 +1,164 @@
+"""Which layers keep 8-bit weights on a kernel that saturates: measured per layer, on calibration data.
+
+Without VNNI, x86 int8 kernels add each pair of u8 x s8 products in int16 (vpmaddubsw), which clips at
+32767; select_engine then gives every layer 7-bit weights, so that no pair can overflow. Whether a
+pair does overflow depends on the codes the layer actually reads. After a ReLU most input codes are
+small; a tensor with negative values has its zero point mid-range, so its codes sit near 128. Measured
+on ImageNet MobileNetV2 (AMD EPYC, AVX2, onednn, 8-bit weights in every layer): each depthwise conv
+matched the exact computation on its int8 inputs at 85 to 100 dB and each projection conv at 46 to
+70 dB, while the expansion convs, which read the residual stream, fell to 23 to 43 dB.
+
+So each layer is run once on the engine with 8-bit weights, on one calibration batch, and keeps them
+where its int8 output is closer to the exact output (float weights, the same int8 inputs) than the
+same layer with 7-bit weights rounded to nearest, computed without saturation. The comparison runs on
+the inputs the int8 model gives each layer, so one layer's overflow does not move another's verdict.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.ao.quantization import QConfig
+
+from fxq.backend.engine import EngineChoice, WeightGrid, convert, fake_quantize_weight, using_engine
+from fxq.calibration import Batch
+from fxq.frontend.rewrite import unwrap
+
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# Largest mean squared output error (in output codes squared) the kernel may add to its own exact
+# computation for a layer to keep 8-bit weights: an eighth of the rounding noise of a uniform grid (1/12).
+MAX_OVERFLOW_CODES2 = 0.01
+
+
+@dataclass(frozen=True)
+class LayerWeightBits:
+    """One layer's measurement on one calibration batch."""
+
+    name: str
+    eight_bit_error: float  # output error power, engine with 8-bit weights vs float weights
+    seven_bit_error: float  # the same, exact arithmetic with 7-bit weights
+    overflow: float  # mean squared difference (codes^2) between the engine and exact 8-bit arithmetic
+
+    @property
+    def keeps_eight_bits(self) -> bool:
+        """Only where the kernel adds (almost) nothing to its own exact result: the recovery passes
+        correct the float simulation, which cannot overflow, so overflow error is never corrected."""
+        return self.overflow <= MAX_OVERFLOW_CODES2 and self.eight_bit_error < self.seven_bit_error
+
+
+def _kind(module: nn.Module) -> tuple[str, bool, bool] | None:
+    """(op, adds a residual, applies a ReLU) of an int8 conv / linear module, or None for one not measured
+    (transposed convs, other fused activations, padding modes other than zeros)."""
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+
+    kinds = {nnq.Conv1d: ("conv", False, False), nnq.Conv2d: ("conv", False, False),
+             nnq.Conv3d: ("conv", False, False), nniq.ConvReLU1d: ("conv", False, True),
+             nniq.ConvReLU2d: ("conv", False, True), nniq.ConvReLU3d: ("conv", False, True),
+             nniq.ConvAdd2d: ("conv", True, False), nniq.ConvAddReLU2d: ("conv", True, True),
+             nnq.Linear: ("linear", False, False), nniq.LinearReLU: ("linear", False, True)}
+    kind = kinds.get(type(module))
+    if kind and kind[0] == "conv" and module.padding_mode != "zeros":
+        return None
+    return kind
+
+
+def _exact(module: nn.Module, kind: tuple[str, bool, bool], inputs: list[torch.Tensor],
+           weight: torch.Tensor) -> torch.Tensor:
+    op, adds, relu = kind
+    x = inputs[0]
+    if op == "linear":
+        y = F.linear(x, weight, module.bias())
+    else:
+        y = _CONVS[weight.dim() - 2](x, weight, module.bias(), module.stride, module.padding, module.dilation,
+                                     module.groups)
+    if adds:
+        y = y + inputs[1]
+    return F.relu(y) if relu else y
+
+
+def _requantize(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    return torch.quantize_per_tensor(y, float(module.scale), int(module.zero_point), torch.quint8).dequantize()
+
+
+def _output_range(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """`y` clipped to what the output grid can hold, so clipping (a fused ReLU6's ceiling) counts in neither error."""
+    scale, zero_point = float(module.scale), int(module.zero_point)
+    return y.clamp((0 - zero_point) * scale, (255 - zero_point) * scale)
+
+
+def _float_weights(prepared: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Float weight of every observed conv / linear of a prepared model, by module name."""
+    weights = {}
+    for name, module in prepared.named_modules():
+        layer, _ = unwrap(module)
+        if layer is not None and getattr(module, "qconfig", None) is not None:
+            weights[name] = layer.weight.detach()
+    return weights
+
+
+def with_weight_grid(prepared: fx.GraphModule, grid: WeightGrid) -> fx.GraphModule:
+    """Point each observed layer's weight observer at its grid (`grid.of(name)`), in place.
+
+    torch.ao's convert builds each weight observer from the module's own qconfig, so this is the one
+    place a per-layer grid has to be set after calibration.
+    """
+    for name in _float_weights(prepared):
+        module = prepared.get_submodule(name)
+        module.qconfig = QConfig(activation=module.qconfig.activation, weight=grid.of(name).observer())
+    return prepared
+
+
+@torch.no_grad()
+def measure_weight_bits(prepared: fx.GraphModule, choice: EngineChoice, grid: WeightGrid, batch: Batch,
+                        conv_adds: tuple[str, ...] = ()) -> list[LayerWeightBits]:
+    """Compare, per layer, the engine's 8-bit-weight output with an exact 7-bit-weight one (module doc).
+
+    `prepared` is calibrated and not changed; `grid` is the 7-bit grid the engine choice gives.
+    """
+    float_weights = _float_weights(prepared)
+    eight = WeightGrid(grid.per_channel, seven_bit=False, eight_bit_layers=frozenset())
+    probe = with_weight_grid(copy.deepcopy(prepared), eight)
+    int8 = convert(probe, choice, conv_adds)
+    seven = WeightGrid(grid.per_channel, seven_bit=True)
+    errors: dict[str, list[float]] = {}
+    saved: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in int8.named_modules():
+        kind = _kind(module)
+        if kind is None or name not in float_weights:
+            continue
+
+        def before(_module, args, name=name):
+            # dequantized copies: conv2d_add may write its output over the residual input
+            saved[name] = [a.dequantize() if isinstance(a, torch.Tensor) and a.is_quantized else a for a in args]
+
+        def after(module, _args, output, name=name, kind=kind):
+            inputs = saved.pop(name)
+            if not isinstance(output, torch.Tensor) or not output.is_quantized \
+                    or not all(isinstance(a, torch.Tensor) for a in inputs):
+                return
+            exact = _output_range(module, _exact(module, kind, inputs, float_weights[name]))
+            seven_bit = _requantize(module, _exact(module, kind, inputs, fake_quantize_weight(float_weights[name],
+                                                                                               seven)))
+            eight_bit = _requantize(module, _exact(module, kind, inputs, module.weight().dequantize()))
+            total = errors.setdefault(name, [0.0, 0.0, 0.0, 0])
+            total[0] += float((output.dequantize() - exact).pow(2).sum())
+            total[1] += float((seven_bit - exact).pow(2).sum())
+            total[2] += float((output.dequantize() - eight_bit).pow(2).sum()) / float(module.scale) ** 2
+            total[3] += output.numel()
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        with using_engine(choice.engine):
+            int8(*batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerWeightBits(name, e8, e7, sat / n) for name, (e8, e7, sat, n) in errors.items()]
