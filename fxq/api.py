@@ -318,15 +318,10 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     with timer.step("calibrate"):
         run_batches(prepared, batches, progress=opts.progress)
         range_choices = engine.range_choices(prepared)
-    grid, weight_bits = engine.weight_grid(opts, choice), []
+    grid = engine.weight_grid(opts, choice)
     if grid.seven_bit:
         with timer.step("weight_bits"):
-            weight_bits = measure_weight_bits(prepared, choice, grid, batches[0], tuple(conv_adds))
-            grid = dataclasses.replace(grid, eight_bit_layers=frozenset(
-                m.name for m in weight_bits if m.keeps_eight_bits))
-            with_weight_grid(prepared, grid)
-            choice = dataclasses.replace(choice, reason=f"{choice.reason}; {len(grid.eight_bit_layers)} of "
-                                         f"{len(weight_bits)} layers measured not to overflow keep 8-bit weights")
+            grid, choice = _measured_weight_grid(prepared, grid, choice, batches[0], conv_adds)
     rounded = {}
     if opts.optimize_rounding:
         with timer.step("rounding"):  # on the float graph: prepare fused modules of `gm` in place
@@ -366,6 +361,18 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
                           **{f"{r}.{n}": c for r, s in parts.items() for n, c in s.observer_choices.items()}},
         timings_s=timer.seconds)
     return quantized, summary
+
+
+def _measured_weight_grid(prepared: fx.GraphModule, grid: engine.WeightGrid, choice: engine.EngineChoice,
+                          batch: Batch, conv_adds: list[str]) -> tuple[engine.WeightGrid, engine.EngineChoice]:
+    """On a saturating kernel, give 8-bit weights back to the layers measured not to overflow
+    (backend.weight_bits), in `prepared` too; the engine choice's reason says how many."""
+    measured = measure_weight_bits(prepared, choice, grid, batch, tuple(conv_adds))
+    grid = dataclasses.replace(grid, eight_bit_layers=frozenset(m.name for m in measured if m.keeps_eight_bits))
+    with_weight_grid(prepared, grid)
+    reason = f"{choice.reason}; {len(grid.eight_bit_layers)} of {len(measured)} layers measured not to " \
+             "overflow keep 8-bit weights"
+    return grid, dataclasses.replace(choice, reason=reason)
 
 
 # --- models whose own forward does not trace ------------------------------------------------------
