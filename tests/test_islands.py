@@ -115,28 +115,42 @@ def test_min_cut_plan_is_the_cheapest_labelling(size):
     assert plan.planned_us <= plan.all_int8_us + 1e-9
 
 
-@pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
-def test_slow_int8_kernel_is_left_float_and_the_model_beats_float():
+def _dilated_depthwise_model() -> tuple[nn.Module, torch.Tensor]:
     """x86 runs depthwise convs with more than 100 groups through fbgemm, which has no dilated kernel."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(128, 128, 3, padding=2, dilation=2, groups=128), nn.ReLU(),
                           nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 64, 1)).eval()
-    photos = random_crops(4, seed=6, size=56)
+    return model, random_crops(4, seed=6, size=56)
+
+
+@pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
+def test_slow_int8_kernel_is_left_float():
+    model, photos = _dilated_depthwise_model()
+    planned = fxq.quantize(model, photos[:1], calibration_data=list(photos.split(2)), backend="x86", **FAST)
+    summary = fxq.summary_of(planned)
+    float_layers = dict(summary.float_layers)
+    assert list(float_layers) == ["2"] and float_layers["2"].startswith("float island: int8 would cost")
+    assert engine.weighted_layers(planned).int8 == ["0", "4", "6"]
+    estimate = summary.estimated_latency_us
+    assert estimate["fxq"] < 0.5 * estimate["every op int8"], estimate
+    with torch.no_grad():
+        assert sqnr(model(photos), planned(photos)) > 25  # measured 36.0 dB
+
+
+@pytest.mark.slow  # wall-clock: on the AMD EPYC of 2026-12-03 it failed 3 of 10 runs alone (1.04x float in CI)
+@pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
+def test_slow_int8_kernel_left_float_beats_float():
+    model, photos = _dilated_depthwise_model()
     batches = list(photos.split(2))
     plain = fxq.quantize(model, photos[:1], calibration_data=batches, backend="x86", float_islands=False, **FAST)
     planned = fxq.quantize(model, photos[:1], calibration_data=batches, backend="x86", **FAST)
-    float_layers = dict(fxq.summary_of(planned).float_layers)
-    assert list(float_layers) == ["2"] and float_layers["2"].startswith("float island: int8 would cost")
-    assert engine.weighted_layers(planned).int8 == ["0", "4", "6"]
     (plain_row,) = measure_latency(model, plain, (photos[:1],), threads=2, repeats=7)
     (planned_row,) = measure_latency(model, planned, (photos[:1],), threads=2, repeats=7)
     # measured: torch.ao's plan 1.8-1.9x slower than float (the depthwise conv alone takes ~70 ms in
     # int8), fxq's 0.2-0.35x float
     assert plain_row.int8_median_ms > 1.3 * plain_row.float_median_ms
     assert planned_row.int8_median_ms < planned_row.float_median_ms
-    with torch.no_grad():
-        assert sqnr(model(photos), planned(photos)) > 25  # measured 36.0 dB
 
 
 def test_plan_is_deterministic():
