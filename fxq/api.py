@@ -354,8 +354,8 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         conversions=engine.count_conversions(quantized),
         estimated_latency_us={} if plan is None else {
             "float": plan.float_us, "every op int8": plan.all_int8_us, "fxq": plan.planned_us},
-        eight_bit_weight_layers=sorted(grid.eight_bit_layers)
-        + [f"{r}.{n}" for r, s in parts.items() for n in s.eight_bit_weight_layers],
+        eight_bit_weight_channels={name: sorted(rows) for name, rows in grid.eight_bit_channels.items()}
+        | {f"{r}.{n}": rows for r, s in parts.items() for n, rows in s.eight_bit_weight_channels.items()},
         equalized_pairs=len(equalized), bias_corrected_layers=len(corrected), rounded_layers=len(rounded),
         observer_choices={**range_choices,
                           **{f"{r}.{n}": c for r, s in parts.items() for n, c in s.observer_choices.items()}},
@@ -365,13 +365,19 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
 
 def _measured_weight_grid(prepared: fx.GraphModule, grid: engine.WeightGrid, choice: engine.EngineChoice,
                           batch: Batch, conv_adds: list[str]) -> tuple[engine.WeightGrid, engine.EngineChoice]:
-    """On a saturating kernel, give 8-bit weights back to the layers measured not to overflow
-    (backend.weight_bits), in `prepared` too; the engine choice's reason says how many."""
+    """On a saturating kernel, give 8-bit weights back to the output channels measured not to overflow
+    (backend.weight_bits; with per-tensor weights, to the layers where every channel can), in `prepared`
+    too; the engine choice's reason says how many."""
     measured = measure_weight_bits(prepared, choice, grid, batch, tuple(conv_adds))
-    grid = dataclasses.replace(grid, eight_bit_layers=frozenset(m.name for m in measured if m.keeps_eight_bits))
+    kept = {m.name: m.eight_bit_channels for m in measured}
+    if not grid.per_channel:
+        kept = {m.name: kept[m.name] for m in measured if len(kept[m.name]) == m.channels}
+    grid = dataclasses.replace(grid, eight_bit_channels={name: rows for name, rows in kept.items() if rows})
     with_weight_grid(prepared, grid)
-    reason = f"{choice.reason}; {len(grid.eight_bit_layers)} of {len(measured)} layers measured not to " \
-             "overflow keep 8-bit weights"
+    channels = sum(m.channels for m in measured)
+    whole = sum(1 for m in measured if len(kept.get(m.name, ())) == m.channels)
+    reason = f"{choice.reason}; measured not to overflow, {sum(map(len, kept.values()))} of {channels} output " \
+             f"channels keep 8-bit weights ({whole} of {len(measured)} layers entirely)"
     return grid, dataclasses.replace(choice, reason=reason)
 
 
@@ -486,7 +492,8 @@ def _quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: 
         reduce_range=any(s.reduce_range for s in summaries.values()),
         kernel_saturates=any(s.kernel_saturates for s in summaries.values()),
         seven_bit_weights=any(s.seven_bit_weights for s in summaries.values()),
-        eight_bit_weight_layers=[f"{r}.{n}" for r, s in summaries.items() for n in s.eight_bit_weight_layers],
+        eight_bit_weight_channels={f"{r}.{n}": rows for r, s in summaries.items()
+                                   for n, rows in s.eight_bit_weight_channels.items()},
         float_layers=_untraceable_layers(work, around)
         + [(f"{r}.{n}", why) for r, s in summaries.items() for n, why in s.float_layers],
         patterns=[f"{r}.{p}" for r, s in summaries.items() for p in s.patterns],

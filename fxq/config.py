@@ -80,8 +80,8 @@ class QuantOptions:
     # Per-layer observer overrides: {module name or class: Observer}.
     observer_overrides: Mapping[Any, Observer] = field(default_factory=dict)
     # 7-bit activations. None (and False): 8-bit activations; where a probe finds that the int8 kernel
-    # saturates 16-bit pair sums (x86 without VNNI), weights are 7-bit instead (-64..64) in every layer
-    # not measured to run 8-bit weights without overflow (backend.weight_bits).
+    # saturates 16-bit pair sums (x86 without VNNI), weights are 7-bit instead (-64..64) in every output
+    # channel not measured to run 8-bit weights without overflow (backend.weight_bits).
     reduce_range: bool | None = None
     per_channel_weights: bool = True
     equalize: bool = True

@@ -11,7 +11,7 @@ engine is kept; the numbers go into the summary.
 Those figures were taken with 8-bit weights and 7-bit activations. On a saturating kernel weights are
 now 7-bit and activations 8-bit (backend.engine.select_engine), and on an AMD EPYC (AVX2) x86 and
 onednn then agree with the simulation equally (21.2 dB on a calibration batch); with 8-bit weights and
-activations they gave 2.2 and 7.9 dB. The layers that keep 8-bit weights on such a kernel
+activations they gave 2.2 and 7.9 dB. The output channels that keep 8-bit weights on such a kernel
 (backend.weight_bits) are measured on the first candidate engine only; the comparison stays: it is what
 catches a kernel that departs.
 

@@ -21,8 +21,8 @@ class QuantizationSummary:
     reduce_range: bool
     kernel_saturates: bool
     seven_bit_weights: bool = False
-    # on a saturating kernel, the layers measured to keep 8-bit weights (backend.weight_bits)
-    eight_bit_weight_layers: list[str] = field(default_factory=list)
+    # on a saturating kernel, by layer: the output channels measured to keep 8-bit weights (backend.weight_bits)
+    eight_bit_weight_channels: dict[str, list[int]] = field(default_factory=dict)
     patterns: list[str] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)
     # (module or node, why): layers or ops that run in float in the returned model

@@ -34,3 +34,21 @@ def test_weight_grid_bounds_follow_the_choice():
         codes = engine.fake_quantize_weight(weight, grid) / scale.view(-1, 1, 1, 1)
         assert codes.round().min() >= low and codes.round().max() <= high
         assert codes.abs().amax(dim=(1, 2, 3)).min() >= high - 1  # each channel spans its grid
+
+
+def test_a_layer_grid_mixes_eight_and_seven_bit_channels():
+    """On a saturating kernel, the channels measured not to overflow keep 8 bits (backend.weight_bits):
+    their codes span -128..127, the others' -64..64, in the converted weight and in every rounding pass."""
+    weight = torch.randn(6, 4, 3, 3)
+    grid = engine.WeightGrid(per_channel=True, seven_bit=True, eight_bit_channels={"conv": frozenset({1, 4})})
+    scale, quant_min, quant_max = engine.weight_qparams(weight, grid.of("conv"))
+    assert quant_max.tolist() == [64, 127, 64, 64, 127, 64] and quant_min.tolist() == [-64, -128, -64, -64, -128, -64]
+    largest = (engine.fake_quantize_weight(weight, grid.of("conv")) / scale.view(-1, 1, 1, 1)).abs().amax((1, 2, 3))
+    assert torch.allclose(largest, quant_max, atol=1.0)
+    other = engine.weight_qparams(weight, grid.of("other"))  # a layer not measured stays on 7 bits
+    assert (other[1], other[2]) == (-64, 64)
+    observer = grid.of("conv").observer()()
+    observer(weight)
+    codes = torch.quantize_per_channel(weight, observer.calculate_qparams()[0], torch.zeros(6, dtype=torch.long), 0,
+                                       torch.qint8).int_repr().abs().flatten(1).amax(1)
+    assert codes.tolist()[1] >= 127 and codes.tolist()[4] >= 127 and max(codes[[0, 2, 3, 5]].tolist()) <= 64

@@ -1,4 +1,4 @@
-"""Per-layer weight bits on a kernel that saturates (backend.weight_bits).
+"""Per-channel weight bits on a kernel that saturates (backend.weight_bits).
 
 The measurement needs a kernel that adds u8 x s8 pairs in int16. This CPU may have VNNI, so the model is
 quantized in a subprocess with oneDNN and FBGEMM capped at AVX2 (set before torch loads), which is the
@@ -38,14 +38,15 @@ fxq.api.measure_weight_bits = lambda *args, **kwargs: []  # every layer on the 7
 seven_bit = fxq.quantize(model, calibration[0][:1], calibration_data=calibration, optimize_rounding=False)
 summary = fxq.summary_of(measured)
 torch.backends.quantized.engine = summary.engine
-codes = {name: int(module.weight().int_repr().abs().max()) for name, module in measured.named_modules()
+codes = {name: module.weight().int_repr().abs().flatten(1).amax(1).tolist()  # largest code per output channel
+         for name, module in measured.named_modules()
          if type(module).__module__.startswith("torch.ao.nn") and callable(getattr(module, "weight", None))}
 depthwise = [name for name, module in model.named_modules()
              if isinstance(module, torch.nn.Conv2d) and module.groups > 1]
 with torch.no_grad():
     print(json.dumps(dict(
         saturates=summary.kernel_saturates, seven_bit=summary.seven_bit_weights,
-        eight_bit=summary.eight_bit_weight_layers, codes=codes, depthwise=depthwise,
+        eight_bit=summary.eight_bit_weight_channels, codes=codes, depthwise=depthwise,
         measured_db=sqnr(reference, unrefit(evaluation)), seven_bit_db=sqnr(reference, seven_bit(evaluation)))))
 """
 
@@ -62,19 +63,25 @@ def capped_run() -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_layers_reading_post_relu_codes_keep_eight_bit_weights(capped_run):
-    """Depthwise convs read ReLU6 outputs (small codes) and do not overflow; the first conv reads the
-    normalized image (zero point mid-range) and does."""
+def test_channels_reading_post_relu_codes_keep_eight_bit_weights(capped_run):
+    """Depthwise convs read ReLU6 outputs (small codes) and do not overflow in any channel; the first
+    conv reads the normalized image (zero point mid-range) and overflows in some of its channels only
+    (measured on ImageNet MobileNetV2: 15 of 32 keep 8 bits)."""
     run = capped_run
     assert run["saturates"] and run["seven_bit"]
-    depthwise, eight_bit = set(run["depthwise"]), set(run["eight_bit"])
-    assert depthwise and depthwise <= eight_bit, sorted(depthwise - eight_bit)
-    assert "0.0" in run["codes"] and "0.0" not in eight_bit
+    eight_bit = {name: set(rows) for name, rows in run["eight_bit"].items()}
+    for name in run["depthwise"]:
+        assert eight_bit.get(name) == set(range(len(run["codes"][name]))), name
+    assert 0 < len(eight_bit.get("0.0", ())) < len(run["codes"]["0.0"]), eight_bit.get("0.0")
+    wide = []
     for name, largest in run["codes"].items():
-        if name in eight_bit:
-            assert largest > 64, name  # each channel's largest weight lands on the 8-bit grid's end
-        else:
-            assert largest <= 64, name
+        for row, code in enumerate(largest):
+            if row in eight_bit.get(name, ()):
+                wide.append(code > 64)
+            else:
+                assert code <= 64, (name, row)  # a 7-bit channel never reaches codes that could overflow
+    # a channel's largest weight lands on the 8-bit grid's end, unless the weight refit shrank it
+    assert sum(wide) > 0.9 * len(wide), (sum(wide), len(wide))
 
 
 def test_eight_bit_weights_where_measured_lower_the_output_error(capped_run):

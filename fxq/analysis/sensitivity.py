@@ -543,7 +543,8 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
                          "place (y = x.relu() instead of x.relu_(), ReLU(inplace=False))")
     pairs = pair_layers(reference, quantized)
     _check_reference(pairs, WeightGrid(options.per_channel_weights, summary.seven_bit_weights,
-                                       frozenset(summary.eight_bit_weight_layers)))
+                                       {name: frozenset(rows) for name, rows in
+                                        summary.eight_bit_weight_channels.items()}))
     timings["float_reference"] = round(time.perf_counter() - start, 3)
 
     shadow = run_side_by_side(reference, quantized, pairs, eval_batches, summary.engine,

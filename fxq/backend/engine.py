@@ -12,8 +12,8 @@ import copy
 import functools
 import platform
 import warnings
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx, nn
@@ -71,15 +71,22 @@ class WeightGrid:
 
     per_channel: bool = True
     seven_bit: bool = False
-    # layers that keep 8-bit weights on a saturating kernel, measured not to overflow (backend.weight_bits)
-    eight_bit_layers: frozenset[str] = frozenset()
+    # on a saturating kernel, by layer: the output channels measured not to overflow with 8-bit weights,
+    # which keep them (backend.weight_bits); a per-tensor grid keeps 8 bits only where every channel can
+    eight_bit_channels: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    # the grid of one layer (`of`): its own channels on 8 bits where the others are on 7
+    rows: frozenset[int] = frozenset()
 
     def observer(self):
+        if self.seven_bit and self.rows:
+            if self.per_channel:
+                return MixedBitsWeightObserver.with_args(eight_bit_rows=tuple(sorted(self.rows)))
+            return _weight_observer(self.per_channel, seven_bit=False)
         return _weight_observer(self.per_channel, self.seven_bit)
 
     def of(self, layer: str) -> WeightGrid:
         """The grid of one layer, by module name."""
-        return WeightGrid(self.per_channel, self.seven_bit and layer not in self.eight_bit_layers)
+        return WeightGrid(self.per_channel, self.seven_bit, rows=frozenset(self.eight_bit_channels.get(layer, ())))
 
 
 def weight_grid(options: QuantOptions, choice: EngineChoice) -> WeightGrid:
@@ -194,6 +201,38 @@ def _weight_observer(per_channel: bool, seven_bit: bool = False):
         return ao_observer.PerChannelMinMaxObserver.with_args(
             dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **bounds)
     return ao_observer.MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, **bounds)
+
+
+class MixedBitsWeightObserver(ao_observer.PerChannelMinMaxObserver):
+    """Per-channel symmetric weights, 8-bit (-128..127) in the given output channels and 7-bit (-64..64)
+    in the others: a layer on a saturating kernel overflows in some output channels only (backend.weight_bits).
+
+    A 7-bit channel is an 8-bit one with a scale 127.5 / 64 times larger, so the kernel, the convert and
+    every pass that reads (scale, quant_min, quant_max) need nothing else.
+    """
+
+    def __init__(self, eight_bit_rows: tuple[int, ...] = (), **kwargs: Any) -> None:
+        super().__init__(dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **kwargs)
+        self.eight_bit_rows = tuple(eight_bit_rows)
+
+    def seven_bit_rows(self, channels: int) -> torch.Tensor:
+        seven_bit = torch.ones(channels, dtype=torch.bool)
+        seven_bit[[row for row in self.eight_bit_rows if row < channels]] = False
+        return seven_bit
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        scale, zero_point = super().calculate_qparams()
+        half_range = (SEVEN_BIT_WEIGHTS["quant_max"] - SEVEN_BIT_WEIGHTS["quant_min"]) / 2
+        wider = scale * ((self.quant_max - self.quant_min) / 2 / half_range)
+        return torch.where(self.seven_bit_rows(scale.numel()), wider, scale), zero_point
+
+    def row_bounds(self, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quant_min, quant_max) of each output channel: a pass that moves weights off their nearest
+        grid point (optimized rounding) must keep a 7-bit channel's codes inside -64..64."""
+        seven_bit = self.seven_bit_rows(channels)
+        low = torch.where(seven_bit, float(SEVEN_BIT_WEIGHTS["quant_min"]), float(self.quant_min))
+        return low, torch.where(seven_bit, float(SEVEN_BIT_WEIGHTS["quant_max"]), float(self.quant_max))
 
 
 def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choice: EngineChoice,
@@ -531,11 +570,18 @@ __all__ = [
 ]
 
 
-def weight_qparams(weight: torch.Tensor, grid: WeightGrid = WeightGrid()) -> tuple[torch.Tensor, int, int]:
-    """(scale, quant_min, quant_max) the static qconfig's weight observer gives this weight."""
+Bound = int | torch.Tensor
+
+
+def weight_qparams(weight: torch.Tensor, grid: WeightGrid = WeightGrid()) -> tuple[torch.Tensor, Bound, Bound]:
+    """(scale, quant_min, quant_max) the static qconfig's weight observer gives this weight; on a grid
+    with 8 and 7 bits in different channels the bounds are per output channel, shaped like the scale."""
     observer = grid.observer()()
     observer(weight)
     scale, _ = observer.calculate_qparams()
+    if isinstance(observer, MixedBitsWeightObserver):
+        quant_min, quant_max = observer.row_bounds(scale.numel())
+        return scale.to(torch.float32), quant_min, quant_max
     return scale.to(torch.float32), observer.quant_min, observer.quant_max
 
 
@@ -543,7 +589,11 @@ def fake_quantize_weight(weight: torch.Tensor, grid: WeightGrid = WeightGrid()) 
     """The weight rounded to nearest on the int8 grid the kernel will use, in float."""
     scale, quant_min, quant_max = weight_qparams(weight, grid)
     shape = (-1,) + (1,) * (weight.dim() - 1) if scale.numel() > 1 else ()
-    return torch.clamp(torch.round(weight / scale.view(shape)), quant_min, quant_max) * scale.view(shape)
+
+    def rows(value: Bound) -> Bound:
+        return value.view(shape) if isinstance(value, torch.Tensor) else value
+
+    return torch.clamp(torch.round(weight / rows(scale)), rows(quant_min), rows(quant_max)) * rows(scale)
 
 
 def install_weights(quantized: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],

@@ -1,22 +1,26 @@
-"""Which layers keep 8-bit weights on a kernel that saturates: measured per layer, on calibration data.
+"""Which output channels keep 8-bit weights on a kernel that saturates: measured on calibration data.
 
 Without VNNI, x86 int8 kernels add each pair of u8 x s8 products in int16 (vpmaddubsw), which clips at
 32767; select_engine then gives every layer 7-bit weights, so that no pair can overflow. Whether a
-pair does overflow depends on the codes the layer actually reads. After a ReLU most input codes are
-small; a tensor with negative values has its zero point mid-range, so its codes sit near 128. Measured
-on ImageNet MobileNetV2 (AMD EPYC, AVX2, onednn, 8-bit weights in every layer): each depthwise conv
-matched the exact computation on its int8 inputs at 85 to 100 dB and each projection conv at 46 to
-70 dB, while the expansion convs, which read the residual stream, fell to 23 to 43 dB.
+pair does overflow depends on the codes a layer actually reads and on the weights of each output
+channel. After a ReLU most input codes are small; a tensor with negative values has its zero point
+mid-range, so its codes sit near 128. Measured on ImageNet MobileNetV2 (AMD EPYC, AVX2, onednn, 8-bit
+weights in every layer): each depthwise conv matched the exact computation on its int8 inputs at 85 to
+100 dB and each projection conv at 46 to 70 dB, while the expansion convs, which read the residual
+stream, fell to 23 to 43 dB. Inside those, the overflow sits in a few channels: 60 to 99% of an
+expansion conv's output channels matched exact arithmetic (at most 0.01 codes^2 apart), while others
+were off by up to 1300 codes^2 (Intel Xeon under ONEDNN_MAX_CPU_ISA=AVX2).
 
 So each layer is run once on the engine with 8-bit weights, on one calibration batch, fed the inputs
-the int8 model gives it (one layer's overflow does not move another's verdict), and keeps 8-bit weights
-where the kernel's output matches exact arithmetic on the same int8 weights to within an eighth of the
-output's rounding noise, and is closer to the float-weight output than 7-bit weights would be. Overflow
-must be near zero, not merely smaller than the coarser grid's error: the recovery passes correct the
-float simulation, which cannot overflow, so overflow error is never corrected, while much of a 7-bit
-grid's is. On MobileNetV2 the rule keeps 8-bit weights in 35 of 53 layers (every depthwise and
-projection conv and the classifier); the expansion convs overflowed by 0.05 to 29 codes^2, the others
-by at most 0.005. Logits SQNR on four pairs of crop seeds went up by 0.2 to 0.5 dB (bench/probe.py).
+the int8 model gives it (one layer's overflow does not move another's verdict), and each output channel
+keeps 8-bit weights where the kernel's output matches exact arithmetic on the same int8 weights to
+within an eighth of the output's rounding noise (a 7-bit channel is an 8-bit one with a larger scale:
+backend.engine.MixedBitsWeightObserver). Overflow must be near zero, not merely smaller than the coarser
+grid's error: the recovery passes correct the float simulation, which cannot overflow, so overflow error
+is never corrected, while much of a 7-bit grid's is. On MobileNetV2 the rule keeps 8-bit weights in
+16525 of 18056 output channels (28 of 53 layers entirely). Per layer instead of per channel it kept 35
+layers (18 expansion convs and the first conv on 7 bits); crops 1/2 went from 20.62 to 20.83 dB
+(bench/probe.py under the AVX2 caps).
 """
 
 from __future__ import annotations
@@ -43,25 +47,35 @@ MAX_OVERFLOW_CODES2 = 0.01
 
 @dataclass(frozen=True)
 class LayerWeightBits:
-    """One layer's measurement on one calibration batch."""
+    """One layer's measurement on one calibration batch, per output channel."""
 
     name: str
-    eight_bit_error: float  # output error power, engine with 8-bit weights vs float weights
-    seven_bit_error: float  # the same, exact arithmetic with 7-bit weights
-    overflow: float  # mean squared difference (codes^2) between the engine and exact 8-bit arithmetic
+    eight_bit_error: torch.Tensor  # output error power, engine with 8-bit weights vs float weights
+    seven_bit_error: torch.Tensor  # the same, exact arithmetic with 7-bit weights
+    overflow: torch.Tensor  # mean squared difference (codes^2) between the engine and exact 8-bit arithmetic
 
     @property
-    def keeps_eight_bits(self) -> bool:
-        """Only where the kernel adds (almost) nothing to its own exact result: the recovery passes
-        correct the float simulation, which cannot overflow, so overflow error is never corrected."""
-        return self.overflow <= MAX_OVERFLOW_CODES2 and self.eight_bit_error < self.seven_bit_error
+    def eight_bit_channels(self) -> frozenset[int]:
+        """The output channels that keep 8-bit weights: only where the kernel adds (almost) nothing to its
+        own exact result, since the recovery passes correct the float simulation, which cannot overflow,
+        so overflow error is never corrected. Together those channels must then be closer to the
+        float-weight output than on 7 bits (one channel alone is not: where weight rounding is far below
+        the output's own rounding noise, which of the two grids lands closer is a coin toss)."""
+        keeps = self.overflow <= MAX_OVERFLOW_CODES2
+        if not bool(keeps.any()) or float(self.eight_bit_error[keeps].sum()) >= float(self.seven_bit_error[keeps].sum()):
+            return frozenset()
+        return frozenset(int(row) for row in keeps.nonzero().flatten())
+
+    @property
+    def channels(self) -> int:
+        return self.overflow.numel()
 
 
 @dataclass
 class _Totals:
-    eight_bit_error: float = 0.0
-    seven_bit_error: float = 0.0
-    overflow_codes2: float = 0.0
+    eight_bit_error: torch.Tensor | float = 0.0
+    seven_bit_error: torch.Tensor | float = 0.0
+    overflow_codes2: torch.Tensor | float = 0.0
     outputs: int = 0
 
 
@@ -161,10 +175,12 @@ def measure_weight_bits(prepared: fx.GraphModule, choice: EngineChoice, grid: We
             eight_bit = _requantize(module, _exact(module, kind, inputs, module.weight().dequantize()))
             engine_output = output.dequantize()
             total = totals.setdefault(name, _Totals())
-            total.eight_bit_error += float((engine_output - exact).pow(2).sum())
-            total.seven_bit_error += float((seven_bit - exact).pow(2).sum())
-            total.overflow_codes2 += float((engine_output - eight_bit).pow(2).sum()) / float(module.scale) ** 2
-            total.outputs += output.numel()
+            channel_dim = 1 if kind[0] == "conv" else -1
+            total.eight_bit_error += _per_channel((engine_output - exact).pow(2), channel_dim)
+            total.seven_bit_error += _per_channel((seven_bit - exact).pow(2), channel_dim)
+            total.overflow_codes2 += _per_channel((engine_output - eight_bit).pow(2), channel_dim) \
+                / float(module.scale) ** 2
+            total.outputs += output.numel() // output.shape[channel_dim]
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
@@ -175,3 +191,9 @@ def measure_weight_bits(prepared: fx.GraphModule, choice: EngineChoice, grid: We
             handle.remove()
     return [LayerWeightBits(name, t.eight_bit_error, t.seven_bit_error, t.overflow_codes2 / t.outputs)
             for name, t in totals.items()]
+
+
+def _per_channel(error: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """Sum of an error over everything but the output channel dimension (1 for convs, -1 for linears)."""
+    channel_dim %= error.dim()
+    return error.sum([dim for dim in range(error.dim()) if dim != channel_dim])

@@ -7,9 +7,10 @@ is pushed onto the columns not yet rounded, weighted by the inverse of the layer
 H = E[x x^T] measured on calibration data. That minimizes ||(W - W_q) x||^2 on real inputs, at the cost
 of one Cholesky factorization per layer (per channel for depthwise convs).
 
-The quantization grid (per-channel symmetric scale from the float weight; 8-bit, or 7-bit in the layers
-where the int8 kernel would saturate: backend.engine.WeightGrid, backend.weight_bits) is the engine's
-own, so the values computed here are installed into the converted int8 modules unchanged.
+The quantization grid (per-channel symmetric scale from the float weight; 8-bit, or 7-bit in the output
+channels where the int8 kernel would saturate: backend.engine.WeightGrid, backend.weight_bits) is the
+engine's own, so the values computed here are installed into the converted int8 modules unchanged; a
+7-bit channel's codes stay inside -64..64 however the error compensation moves its weights.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxq.backend.engine import WeightGrid, weight_qparams
+from fxq.backend.engine import Bound, WeightGrid, weight_qparams
 from fxq.calibration import Batch
 from fxq.recovery.layers import is_depthwise, non_channel_dims, run_with_hooks, weighted_nodes
 from fxq.recovery.layerwise import PairedLayer
@@ -39,8 +40,8 @@ class RoundedWeight:
 
     values: torch.Tensor
     scale: torch.Tensor  # per output channel
-    quant_min: int
-    quant_max: int
+    quant_min: Bound  # per output channel where 8- and 7-bit channels mix (backend.engine.weight_qparams)
+    quant_max: Bound
 
 
 def _columns(layer: nn.Module) -> int:
@@ -86,7 +87,7 @@ def _damped(hessian: torch.Tensor) -> torch.Tensor:
 
 
 def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
-                   quant_min: int, quant_max: int, block: int = 128) -> torch.Tensor:
+                   quant_min: Bound, quant_max: Bound, block: int = 128) -> torch.Tensor:
     """GPTQ over [groups, rows, K] weights with per-group [K, K] input moments and per-row scales.
 
     Columns are processed in blocks: inside a block the error is propagated column by column, and to the
@@ -137,17 +138,25 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], grid: Weight
         weight = layer.weight.detach()
         scale, quant_min, quant_max = weight_qparams(weight, grid.of(name))
         grouped, row_scale = _grouped(layer, weight, scale)
-        values = _round_columns(grouped, moments[name], row_scale, quant_min, quant_max)
+        values = _round_columns(grouped, moments[name], row_scale, _as_rows(layer, weight, quant_min),
+                                _as_rows(layer, weight, quant_max))
         rounded[name] = RoundedWeight(values.reshape(weight.shape), scale, quant_min, quant_max)
     return rounded
 
 
 def _grouped(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight as [groups, rows, K] (one group per channel for depthwise convs) and its row scales."""
-    rows = scale if scale.numel() > 1 else scale.expand(weight.shape[0])
     if is_depthwise(layer):
-        return weight.reshape(weight.shape[0], 1, -1), rows.reshape(-1, 1)
-    return weight.reshape(1, weight.shape[0], -1), rows.reshape(1, -1)
+        return weight.reshape(weight.shape[0], 1, -1), _as_rows(layer, weight, scale)
+    return weight.reshape(1, weight.shape[0], -1), _as_rows(layer, weight, scale)
+
+
+def _as_rows(layer: nn.Module, weight: torch.Tensor, per_row: Bound) -> Bound:
+    """A per-output-channel scale or bound shaped as `_grouped`'s rows; a plain number stays one."""
+    if not isinstance(per_row, torch.Tensor):
+        return per_row
+    rows = per_row if per_row.numel() > 1 else per_row.expand(weight.shape[0])
+    return rows.reshape(-1, 1) if is_depthwise(layer) else rows.reshape(1, -1)
 
 
 FOLDS = 4
@@ -259,7 +268,8 @@ def refit_on_quantized_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()
         if not bool((shrinkage > 0).any()):
             return None
         correction = correction * shrinkage.unsqueeze(-1)
-    values = _round_columns((grouped + correction).float(), total_moment, row_scale, quant_min, quant_max)
+    values = _round_columns((grouped + correction).float(), total_moment, row_scale,
+                            _as_rows(layer, weight, quant_min), _as_rows(layer, weight, quant_max))
     values = values.reshape(weight.shape)
     pair.simulated.weight.copy_(values)
     return RoundedWeight(values, scale, quant_min, quant_max)

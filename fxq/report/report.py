@@ -69,7 +69,9 @@ class Structure:
     estimated_latency_us: dict[str, float] = field(default_factory=dict)
     int8_layers: int = 0  # conv/linear calls that run int8 kernels
     seven_bit_weights: bool | None = None
-    eight_bit_weight_layers: int = 0  # layers that keep 8-bit weights where the rest have 7 (backend.weight_bits)
+    # output channels that keep 8-bit weights where the rest have 7 (backend.weight_bits), and their layers
+    eight_bit_weight_channels: int = 0
+    eight_bit_weight_layers: int = 0
     range_choices: dict[str, str] = field(default_factory=dict)  # activation -> chosen range rule
 
 
@@ -162,8 +164,10 @@ def fallback_table(structure: Structure, tablefmt: str = "simple") -> str:
 def _weight_bits(structure: Structure) -> str:
     if not structure.seven_bit_weights:
         return "8"
-    kept = structure.eight_bit_weight_layers
-    return f"7 (8 in {kept} layer(s) measured not to saturate)" if kept else "7"
+    if not structure.eight_bit_weight_channels:
+        return "7"
+    return (f"7 (8 in {structure.eight_bit_weight_channels} output channel(s) of {structure.eight_bit_weight_layers} "
+            "layer(s) measured not to saturate)")
 
 
 def _pattern_counts(patterns: Sequence[str]) -> dict[str, int]:
@@ -251,7 +255,8 @@ def describe_structure(quantized_model: nn.Module) -> Structure:
                      [tuple(pair) for pair in summary.float_layers], dict(summary.options),
                      [tuple(pair) for pair in summary.float_ops], dict(summary.conversions),
                      dict(summary.estimated_latency_us), len(layers.int8), summary.seven_bit_weights,
-                     len(summary.eight_bit_weight_layers), dict(summary.observer_choices))
+                     sum(map(len, summary.eight_bit_weight_channels.values())),
+                     len(summary.eight_bit_weight_channels), dict(summary.observer_choices))
 
 
 def report(float_model: nn.Module, quantized_model: nn.Module, example_inputs: Any, *,
