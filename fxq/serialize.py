@@ -7,6 +7,7 @@ match for bit-identical outputs) and fxq's summary as JSON. The same file runs f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -89,7 +90,11 @@ def load(path: str | os.PathLike) -> torch.jit.ScriptModule:
         raise SerializationError(f"{source} is not a model saved by fxq.save: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
     torch.backends.quantized.engine = engine
     if meta.get("summary"):
-        summary = QuantizationSummary(**meta["summary"])
+        fields = {field.name for field in dataclasses.fields(QuantizationSummary)}
+        summary = QuantizationSummary(**{key: value for key, value in meta["summary"].items() if key in fields})
+        unknown = sorted(set(meta["summary"]) - fields)
+        if unknown:  # written by another fxq version; the model itself loads the same
+            summary.notes.append(f"summary fields this fxq version does not know were left out: {', '.join(unknown)}")
         if note:
             summary.notes.append(note)
         attach(module, summary)

@@ -28,3 +28,24 @@ def test_model_with_string_annotations_saves_and_loads(tmp_path):
     loaded = fxq.load(fxq.save(quantized, tmp_path / "model.pt"))
     with torch.no_grad():
         assert torch.equal(loaded(calibration[1]), quantized(calibration[1]))
+
+
+def test_a_file_from_another_fxq_version_loads_with_its_unknown_summary_fields_noted(tmp_path):
+    """Summary fields change between versions (eight_bit_weight_layers became eight_bit_weight_channels);
+    the model in an older file must still load, and its summary say what was left out."""
+    import json
+
+    model = PostponedAnnotations().eval()
+    calibration = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    quantized = fxq.quantize(model, calibration[0][:1], calibration_data=calibration, optimize_rounding=False)
+    path = fxq.save(quantized, tmp_path / "model.pt")
+    extra = {"fxq.json": ""}
+    scripted = torch.jit.load(str(path), _extra_files=extra)
+    meta = json.loads(extra["fxq.json"])
+    meta["summary"]["eight_bit_weight_layers"] = ["conv"]
+    torch.jit.save(scripted, str(path), _extra_files={"fxq.json": json.dumps(meta)})
+    loaded = fxq.load(path)
+    notes = fxq.summary_of(loaded).notes
+    assert any("eight_bit_weight_layers" in note for note in notes), notes
+    with torch.no_grad():
+        assert torch.equal(loaded(calibration[1]), quantized(calibration[1]))
