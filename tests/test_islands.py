@@ -162,3 +162,47 @@ def test_plan_is_deterministic():
         plan = islands.find_float_islands(gm, (torch.ones(1, 3, 16, 16),), engine.quantizes_op, "x86")
         plans.append((plan.float_nodes, plan.planned_us, [i.nodes for i in plan.islands]))
     assert plans[0] == plans[1]
+
+
+class _Sleeps(nn.Module):
+    """A stand-in for a slow kernel: waits `ms` per call."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.ms / 1000)
+        return x
+
+
+def test_module_times_are_measured_per_module_inside_whole_passes():
+    from fxq.report.latency import module_times_us
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), _Sleeps(4.0), nn.Sequential(_Sleeps(1.0), _Sleeps(1.0)))
+    times = module_times_us(model, (torch.randn(1, 3, 16, 16),), ["1", "2", "2.0"], repeats=5)
+    assert 4000 <= times["1"] < 8000
+    assert 2000 <= times["2"] < 4000 and 1000 <= times["2.0"] < 2000
+
+
+def test_measured_layer_times_replace_the_cost_table():
+    """A layer measured slow in int8 goes float in the plan, whatever the table estimates; float_unit_costs
+    then prices each unit with the layers' times measured on this machine (mixed_precision)."""
+    torch.manual_seed(0)
+    gm, _ = trace_model(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval())
+    inputs = (torch.randn(1, 3, 32, 32),)
+    table = islands.find_float_islands(gm, inputs, engine.quantizes_op, "x86")
+    assert not table.float_modules
+    slow = islands.find_float_islands(gm, inputs, engine.quantizes_op, "x86", measured_us={"2": (100.0, 5000.0)})
+    assert slow.float_modules == ["2"]
+    assert slow.planned_us < table.planned_us + 5000
+
+    from fxq.recovery.mixed_precision import float_unit_costs, measured_layer_times
+
+    quantized = fxq.quantize(gm, inputs, calibration_data=[inputs], **FAST)
+    measured = measured_layer_times(gm, quantized, inputs, fxq.summary_of(quantized).engine)
+    assert set(measured) == {"0", "2"} and all(f > 0 and i > 0 for f, i in measured.values())
+    costs = float_unit_costs(gm, inputs, ["2"], fxq.summary_of(quantized).engine, int8_model=quantized)
+    assert costs["2"] != float_unit_costs(gm, inputs, ["2"], fxq.summary_of(quantized).engine)["2"]

@@ -413,17 +413,18 @@ def test_float_units_ranked_by_noise_per_microsecond_when_costs_are_given(plante
 
 
 class TwoResolutions(nn.Module):
-    """stem -> `wide` block at 64x64 -> 2x2 average pool -> `narrow` block at 32x32 -> head.
+    """stem -> `wide` block at 64x64 -> 4x4 average pool -> `narrow` block at 16x16 -> head.
 
     Both blocks carry planted weight outliers (see `Planted`); wide's are larger, so by solo noise alone it
-    ranks first, but in float it costs the island cost model ~5x narrow's time (4x the pixels).
+    ranks first, but in float it costs several times narrow's time (16x the pixels; the layers' float
+    and int8 times are measured, and with a 2x2 pool, 4x the pixels, they differed by only 2.2x here).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU())
         self.wide = nn.Sequential(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), nn.Conv2d(32, 32, 1))
-        self.pool = nn.AvgPool2d(2)
+        self.pool = nn.AvgPool2d(4)
         self.narrow = nn.Sequential(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()), nn.Conv2d(32, 32, 1))
         self.head = nn.Conv2d(32, 8, 1)
 
@@ -453,10 +454,12 @@ def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(p
     assert units["wide"].cost_us > 3 * units["narrow"].cost_us > 0
     ranked = list(units)
     assert ranked.index("narrow") < ranked.index("wide")
-    # keeping either block float reaches the target; the cheaper one is chosen. Measured (AMD EPYC, 7-bit
-    # weights): all int8 34.4 dB, narrow float 35.0 dB, wide float 36.9 dB
+    # keeping either block float reaches the target; the cheaper one is chosen. Measured (Intel Xeon, VNNI):
+    # all int8 39.5 dB, narrow float 42.5 dB, wide float 42.2 dB; measured costs narrow 44 us, wide 380 us
+    # (the 1x1 head, measured faster in float, may be ranked before narrow and is then left out again)
     target = report.end_to_end_sqnr_db + 0.4
-    assert report.recommend(target) == ["narrow"]
+    kept = report.recommend(target)
+    assert "narrow" in kept and "wide" not in kept, kept
     recommendation = report.recommendation
     assert recommendation.verified_sqnr_db >= target
     assert recommendation.float_cost_us < units["wide"].cost_us

@@ -140,8 +140,9 @@ class SensitivityReport:
     def float_units(self) -> list[FloatUnit]:
         """The blocks `recommend` may keep float, by solo noise per estimated microsecond of float cost.
 
-        Costs come from the float-island cost model (`float_unit_costs`) when the report carries its
-        model and data; otherwise the units are ranked by solo noise alone.
+        Costs come from the float-island cost model with each conv and linear layer's float and int8
+        times measured on this machine (`float_unit_costs`) when the report carries its model and data;
+        otherwise the units are ranked by solo noise alone.
         """
         if self._units is None:
             measured = [layer for layer in self.layers if layer.solo_sqnr_db is not None]
@@ -154,7 +155,7 @@ class SensitivityReport:
                 names = [unit.name for unit in float_units(measured)]
                 start = time.perf_counter()
                 cost_us = float_unit_costs(inputs.float_graph, inputs.example_inputs, names, inputs.engine,
-                                           keep_float)
+                                           keep_float, int8_model=self.quantized)
                 self.timings_s["unit_costs"] = round(time.perf_counter() - start, 3)
             self._units = float_units(measured, cost_us)
         return self._units

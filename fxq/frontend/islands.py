@@ -31,7 +31,7 @@ import math
 import operator
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import networkx as nx
 import torch
@@ -280,11 +280,13 @@ _SOURCE, _SINK = "int8", "float"
 
 
 def find_float_islands(gm: fx.GraphModule, example_inputs: tuple[Any, ...], quantizable: Callable[[fx.GraphModule, fx.Node], bool],
-                       engine: str, float_modules: Iterable[str] = ()) -> IslandPlan:
+                       engine: str, float_modules: Iterable[str] = (),
+                       measured_us: Mapping[str, tuple[float, float]] | None = None) -> IslandPlan:
     """Label every op of `gm` int8 or float for the smallest estimated latency (see the module docstring).
 
     `quantizable(gm, node)` says whether torch.ao would run a node in int8; `float_modules` are module
-    names that stay float anyway (untraceable leaves, keep_float).
+    names that stay float anyway (untraceable leaves, keep_float). `measured_us` gives (float, int8)
+    times measured on this machine for some call_module targets; they replace the table's estimates.
     """
     recorder = _Recorder(gm)
     with torch.no_grad():
@@ -310,6 +312,8 @@ def find_float_islands(gm: fx.GraphModule, example_inputs: tuple[Any, ...], quan
         kind, units = op_cost(gm, node, recorder, engine)
         cost = COSTS[kind]
         costs[node] = (kind, cost.float_time(units), cost.int8_time(units))
+        if measured_us and node.op == "call_module" and str(node.target) in measured_us:
+            costs[node] = (kind, *measured_us[str(node.target)])
         penalty = WEIGHTED_FLOAT_PENALTY_US if kind in WEIGHTED else 0.0
         graph.add_edge(_SOURCE, node, capacity=costs[node][1] + penalty)  # cut when the node is float
         graph.add_edge(node, _SINK, capacity=costs[node][2])  # cut when the node is int8

@@ -2,8 +2,8 @@
 
 The target is an output SQNR (`target_sqnr_db`) or the user's own metric (`eval_fn` + `max_drop`: the
 int8 model may score at most `max_drop` below the float model). Both are guided by the sensitivity
-analyzer: blocks ranked by solo noise per microsecond that keeping them float costs (see `float_units`
-and `float_unit_costs`), then verified end to end; the layers kept in float, what was reached and the
+analyzer: blocks ranked by solo noise per microsecond that keeping them float costs, their layers timed
+on this machine (see `float_units` and `float_unit_costs`), then verified end to end; the layers kept in float, what was reached and the
 attempts go into the quantized model's summary and report.
 """
 
@@ -12,33 +12,72 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
 from torch import fx, nn
 
 from fxq.backend.engine import quantizes_op
 from fxq.calibration import Batch
 from fxq.config import key_covers, with_float
 from fxq.frontend.islands import find_float_islands
+from fxq.report.latency import resize_batch
 from fxq.summary import summary_of
 
 
 def float_unit_costs(float_graph: fx.GraphModule, example_inputs: Batch, unit_names: Iterable[str], engine: str,
-                     keep_float: Iterable[Any] = ()) -> dict[str, float]:
+                     keep_float: Iterable[Any] = (), int8_model: nn.Module | None = None) -> dict[str, float]:
     """Estimated batch-1 latency (us) that keeping each named module float adds to the int8 model.
 
     The estimate is the float-island cost model's (fxq.frontend.islands), planned as `fxq.quantize`
     plans it: once with the user's `keep_float` modules float, once more with each unit float too, so a
     unit's cost includes the quantize and dequantize at its edges and any island the planner then moves.
-    Blocks differ widely: MobileNetV2's features.2 (at 112x112) is estimated at ~940 us, features.15 (at
-    7x7) at ~410 us, its classifier at ~50 us; a ranking by noise alone cannot see that.
+    Given the all-int8 model, the conv and linear layers' own times are measured on this machine, in
+    float and in int8 (`measured_layer_times`), in place of the cost table's (measured on another
+    machine and engine): on ImageNet MobileNetV2 under the AVX2 kernels (Intel Xeon, onednn) the table
+    put features.1 (at 112x112) at ~550 us and features.4 at ~455 us, the measured layer times at ~215
+    and ~246 us, and whole models timed with and without each of them float (beside the other blocks
+    target_sqnr_db=30 keeps float) differed by ~0 and ~290 us. With the measured times, 30 dB took 9
+    blocks (22 layers) instead of 10 (25), at 0.59 of float latency instead of 0.60.
     """
+    measured = measured_layer_times(float_graph, int8_model, example_inputs, engine) if int8_model is not None \
+        else None
     forced = [name for name, module in float_graph.named_modules() if name and key_covers(keep_float, name, module)]
-    base = find_float_islands(float_graph, example_inputs, quantizes_op, engine, forced)
+    base = find_float_islands(float_graph, example_inputs, quantizes_op, engine, forced, measured)
     costs = {}
     for name in unit_names:
-        plan = find_float_islands(float_graph, example_inputs, quantizes_op, engine, forced + [name])
+        plan = find_float_islands(float_graph, example_inputs, quantizes_op, engine, forced + [name], measured)
         # planned_us leaves out the ops forced float; their float time is what the all-float total lost
         costs[name] = plan.planned_us + (base.float_us - plan.float_us) - base.planned_us
     return costs
+
+
+def measured_layer_times(float_graph: fx.GraphModule, int8_model: nn.Module, example_inputs: Batch,
+                         engine: str) -> dict[str, tuple[float, float]]:
+    """(float us, int8 us) at batch 1 of each conv / linear module that both graphs call by the same name.
+
+    The float layers are timed channels-last, as they run inside an int8 model (backend.float_layout),
+    and the int8 model on freshly packed weights (a packed weight that has seen another batch size
+    rebuilds its kernel on every call: backend.engine.repack_weights).
+    """
+    from fxq.backend.engine import using_engine
+    from fxq.frontend.rewrite import unwrap
+    from fxq.report.latency import module_times_us
+
+    inputs = resize_batch(example_inputs, 1)
+    int8_names = {str(node.target) for node in getattr(int8_model, "graph", fx.Graph()).nodes
+                  if node.op == "call_module"}
+    names = [str(node.target) for node in float_graph.graph.nodes if node.op == "call_module"
+             and str(node.target) in int8_names and unwrap(float_graph.get_submodule(str(node.target)))[0] is not None]
+    if not names:
+        return {}
+    float_copy = copy.deepcopy(float_graph)
+    for name in names:
+        layer, _ = unwrap(float_copy.get_submodule(name))
+        if layer.weight.dim() == 4:
+            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
+    float_us = module_times_us(float_copy, inputs, names)
+    with using_engine(engine):
+        int8_us = module_times_us(copy.deepcopy(int8_model), inputs, names)
+    return {name: (float_us[name], int8_us[name]) for name in names}
 
 
 # One calibration batch in this many (at least one) is held out to verify a target_sqnr_db choice.

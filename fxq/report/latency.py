@@ -85,6 +85,44 @@ def measure_latency(float_model: nn.Module, quantized_model: nn.Module, example_
     return rows
 
 
+def module_times_us(model: nn.Module, example_inputs: tuple[Any, ...], names: Sequence[str], *,
+                    warmup: int = 3, repeats: int = 15) -> dict[str, float]:
+    """Median time (us) each named submodule of `model` takes per forward pass on `example_inputs`.
+
+    The modules are timed by forward hooks inside whole passes of the model, so each runs on its real
+    inputs (their layout, the caches the ops before it leave). A module called twice in a pass counts both.
+    """
+    modules = {name: model.get_submodule(name) for name in names}
+    started: dict[str, float] = {}
+    passes: dict[str, list[float]] = {name: [] for name in modules}
+    current: dict[str, float] = {}
+
+    def before(name: str):
+        def hook(_module, _args):
+            started[name] = time.perf_counter()
+        return hook
+
+    def after(name: str):
+        def hook(_module, _args, _output):
+            current[name] = current.get(name, 0.0) + time.perf_counter() - started.pop(name)
+        return hook
+
+    handles = [handle for name, module in modules.items()
+               for handle in (module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name)))]
+    try:
+        with torch.inference_mode():
+            for step in range(warmup + repeats):
+                current.clear()
+                model(*example_inputs)
+                if step >= warmup:
+                    for name in modules:
+                        passes[name].append(current.get(name, 0.0))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: float(torch.tensor(times).median()) * 1e6 for name, times in passes.items()}
+
+
 def cpu_name() -> str:
     """The CPU's model name (for benchmark headers), or the machine type where it cannot be read."""
     import platform
