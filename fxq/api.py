@@ -138,7 +138,10 @@ def _open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf],
     return gm, leaves, rewrites
 
 
-def _trace(work: nn.Module, example_inputs: Batch) -> tuple[fx.GraphModule, list[FloatLeaf], list[str]]:
+def trace_and_open_up(work: nn.Module, example_inputs: Batch) -> tuple[fx.GraphModule, list[FloatLeaf], list[str]]:
+    """The traced graph `quantize` works on (`_open_up` after tracing); fxq.sensitivity's float reference
+    starts from it too, or its equalization groups would differ (an eval-mode StochasticDepth left in
+    EfficientNet's graph cut its residual streams there)."""
     gm, leaves = trace_model(work)
     return _open_up(work, gm, leaves, example_inputs)
 
@@ -544,7 +547,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, backend: str = "auto", **
         work = copy.deepcopy(model).eval()
         run_example(work, example_inputs)
         work.train()  # traced in train mode: training-only branches (dropout, auxiliary heads) stay in the graph
-        gm, leaves, _ = _trace(work, example_inputs)
+        gm, leaves, _ = trace_and_open_up(work, example_inputs)
         prepared = engine.prepare_qat(gm, example_inputs, choice, opts.keep_float, [l.module for l in leaves])
     _QAT_STATE[prepared] = (opts, choice, leaves)
     return prepared
@@ -604,7 +607,7 @@ def inspect(model: nn.Module, example_inputs: Any) -> Inspection:
     example_inputs = as_example_inputs(example_inputs)
     work = copy.deepcopy(model).eval()
     run_example(work, example_inputs)
-    gm, leaves, _ = _trace(work, example_inputs)
+    gm, leaves, _ = trace_and_open_up(work, example_inputs)
     counts: dict[str, int] = {}
     for _, module in gm.named_modules():
         if isinstance(module, engine.WEIGHT_TYPES):

@@ -541,3 +541,32 @@ def test_quantize_to_target_verifies_on_held_out_batches_and_calibrates_on_all(p
         for batch in evaluation:
             stats.update(model(batch), quantized(batch))
     assert stats.sqnr_db > 27.0
+
+
+class DroppedPath(nn.Module):
+    """A residual block whose branch ends in torchvision's StochasticDepth (an identity in eval mode, which
+    fxq.quantize drops before equalizing: the branch's last conv then joins the residual stream's group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(16, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 1), StochasticDepth(0.2, "row"))
+        self.head = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.head(torch.relu(y + self.branch(y)))
+
+
+def test_sensitivity_mirrors_the_graph_quantize_works_on(photo_batches):
+    """The float reference is traced and opened up as fxq.quantize's graph is (eval-mode identities
+    dropped), so its equalization matches the int8 model's; before, EfficientNet-B0 failed the
+    reference's weight-grid check at its first block with stochastic depth."""
+    calibration, evaluation = photo_batches
+    torch.manual_seed(0)
+    report = sensitivity(DroppedPath().eval(), calibration[0][:1], calibration_data=calibration,
+                         eval_data=evaluation)
+    assert {"stem.0", "branch.0", "branch.2"} <= {layer.name for layer in report.layers}
+    assert report.end_to_end_sqnr_db > 25.0

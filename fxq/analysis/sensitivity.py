@@ -30,14 +30,13 @@ from torch import fx, nn
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
 from fxq.analysis.shadow import LayerErrors, LayerPair, output_tensors, pair_layers, remove_inplace_ops, \
     run_side_by_side
-from fxq.api import quantize
+from fxq.api import quantize, trace_and_open_up
 from fxq.backend.engine import WeightGrid, is_weighted_quantized_module, using_engine, weight_qparams
 from fxq.calibration import Batch, materialize
 from fxq.config import Mode, QuantOptions, with_float
 from fxq.errors import ConfigError, FxqError, InputError, TraceError
 from fxq.frontend.patterns import find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations, unwrap
-from fxq.frontend.trace import trace_model
 from fxq.recovery.equalization import equalize
 from fxq.summary import summary_of
 from fxq.validate import as_example_inputs, check_model, run_example
@@ -405,7 +404,7 @@ def float_reference(model: nn.Module, example_inputs: Batch, calibration_batches
         torch.manual_seed(options.seed)
         work = copy.deepcopy(model).eval()
         expected = output_tensors(run_example(work, example_inputs))
-        gm, _leaves = trace_model(work)
+        gm, _leaves, _rewrites = trace_and_open_up(work, example_inputs)
         patterns = {found.nodes[0]: found.pattern for found in find_patterns(gm)}
         fold_batchnorm(gm)
         fuse_clamping_activations(gm)
