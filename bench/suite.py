@@ -52,7 +52,7 @@ from torch import nn
 
 import fxq
 from fxq.backend.engine import using_engine
-from fxq.report.latency import cpu_name, measure_latency, resize_batch
+from fxq.report.latency import cpu_name, isa_limits, measure_latency, resize_batch
 from fxq.report.report import compare_size, measure_error
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 
@@ -366,7 +366,7 @@ def render(results: list[ModelResult], failures: list[Failure], args: argparse.N
     lines = [
         "# fxq benchmark suite" + (" (quick smoke run, not a measurement)" if args.quick else ""),
         "",
-        f"`{command}` on {started:%Y-%m-%d}: CPU {cpu_name()} ({os.cpu_count()} logical cores), "
+        f"`{command}` on {started:%Y-%m-%d}: CPU {cpu_name()}{isa_limits()} ({os.cpu_count()} logical cores), "
         f"{torch.get_num_threads()} threads (torch.set_num_threads), torch {torch.__version__}, "
         f"torchvision {torchvision.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
         f"{source}. "
