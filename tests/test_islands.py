@@ -191,7 +191,8 @@ def test_measured_layer_times_replace_the_cost_table():
     """A layer measured slow in int8 goes float in the plan, whatever the table estimates; float_unit_costs
     then prices each unit with the layers' times measured on this machine (mixed_precision)."""
     torch.manual_seed(0)
-    gm, _ = trace_model(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval())
+    layers = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    gm, _ = trace_model(layers.eval())
     inputs = (torch.randn(1, 3, 32, 32),)
     table = islands.find_float_islands(gm, inputs, engine.quantizes_op, "x86")
     assert not table.float_modules

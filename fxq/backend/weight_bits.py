@@ -62,7 +62,8 @@ class LayerWeightBits:
         float-weight output than on 7 bits (one channel alone is not: where weight rounding is far below
         the output's own rounding noise, which of the two grids lands closer is a coin toss)."""
         keeps = self.overflow <= MAX_OVERFLOW_CODES2
-        if not bool(keeps.any()) or float(self.eight_bit_error[keeps].sum()) >= float(self.seven_bit_error[keeps].sum()):
+        closer = float(self.eight_bit_error[keeps].sum()) < float(self.seven_bit_error[keeps].sum())
+        if not bool(keeps.any()) or not closer:
             return frozenset()
         return frozenset(int(row) for row in keeps.nonzero().flatten())
 

@@ -3,8 +3,8 @@
 The target is an output SQNR (`target_sqnr_db`) or the user's own metric (`eval_fn` + `max_drop`: the
 int8 model may score at most `max_drop` below the float model). Both are guided by the sensitivity
 analyzer: blocks ranked by solo noise per microsecond that keeping them float costs, their layers timed
-on this machine (see `float_units` and `float_unit_costs`), then verified end to end; the layers kept in float, what was reached and the
-attempts go into the quantized model's summary and report.
+on this machine (see `float_units` and `float_unit_costs`), then verified end to end; the layers kept in
+float, what was reached and the attempts go into the quantized model's summary and report.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
 from torch import fx, nn
 
 from fxq.backend.engine import quantizes_op
@@ -31,8 +30,8 @@ def float_unit_costs(float_graph: fx.GraphModule, example_inputs: Batch, unit_na
     unit's cost includes the quantize and dequantize at its edges and any island the planner then moves.
     Given the all-int8 model, the conv and linear layers' own times are measured on this machine, in
     float and in int8 on the example inputs (`measured_layer_times`), in place of the cost table's
-    (measured on another machine and engine): on ImageNet MobileNetV2 under the AVX2 kernels (Intel Xeon, onednn) the table
-    put features.1 (at 112x112) at ~550 us and features.4 at ~455 us, the measured layer times at ~215
+    (measured on another machine and engine): on ImageNet MobileNetV2 under the AVX2 kernels (Intel
+    Xeon, onednn) the table put features.1 (at 112x112) at ~550 us and features.4 at ~455 us, the measured layer times at ~215
     and ~246 us, and whole models timed with and without each of them float (beside the other blocks
     target_sqnr_db=30 keeps float) differed by ~0 and ~290 us. With the measured times, 30 dB took 9
     blocks (22 layers) instead of 10 (25), at 0.59 of float latency instead of 0.60. Timings vary from
@@ -56,16 +55,19 @@ def measured_layer_times(float_graph: fx.GraphModule, int8_model: nn.Module, exa
     """(float us, int8 us) on the example inputs of each conv / linear module that both graphs call by the
     same name and that runs int8 in `int8_model` (not one it keeps float).
 
-    The float layers are timed channels-last, as they run inside an int8 model (backend.float_layout),
-    unless the graph then fails (a `view` after a conv), and the int8 model on freshly packed weights (a
+    The float layers are timed channels-last where the graph allows it, as they run inside an int8 model
+    (backend.float_layout.run_float_convs_channels_last), and the int8 model on freshly packed weights (a
     packed weight that has seen another batch size rebuilds its kernel on every call:
     backend.engine.repack_weights). Known approximation: where onednn runs a conv and its residual add as
     one kernel (backend.conv_add), the measured int8 time covers the add, which the cost table prices
     again, so such a block's float cost comes out low by the table's int8 add (~30 us at 24x56x56).
     """
+    from fxq.analysis.shadow import output_tensors
     from fxq.backend.engine import is_quantized_module, using_engine
+    from fxq.backend.float_layout import run_float_convs_channels_last
     from fxq.frontend.rewrite import unwrap
     from fxq.report.latency import module_times_us
+    from fxq.validate import run_example
 
     int8_modules = {str(node.target): int8_model.get_submodule(str(node.target))
                     for node in getattr(int8_model, "graph", fx.Graph()).nodes if node.op == "call_module"}
@@ -75,14 +77,8 @@ def measured_layer_times(float_graph: fx.GraphModule, int8_model: nn.Module, exa
     if not names:
         return {}
     float_copy = copy.deepcopy(float_graph)
-    for name in names:
-        layer, _ = unwrap(float_copy.get_submodule(name))
-        if layer.weight.dim() == 4:
-            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
-    try:
-        float_us = module_times_us(float_copy, example_inputs, names)
-    except RuntimeError:  # the graph reads a conv output in a layout-dependent way
-        float_us = module_times_us(float_graph, example_inputs, names)
+    run_float_convs_channels_last(float_copy, lambda model: output_tensors(run_example(model, example_inputs)))
+    float_us = module_times_us(float_copy, example_inputs, names)
     with using_engine(engine):
         int8_us = module_times_us(copy.deepcopy(int8_model), example_inputs, names)
     return {name: (float_us[name], int8_us[name]) for name in names}

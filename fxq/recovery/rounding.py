@@ -146,9 +146,8 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], grid: Weight
 
 def _grouped(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight as [groups, rows, K] (one group per channel for depthwise convs) and its row scales."""
-    if is_depthwise(layer):
-        return weight.reshape(weight.shape[0], 1, -1), _as_rows(layer, weight, scale)
-    return weight.reshape(1, weight.shape[0], -1), _as_rows(layer, weight, scale)
+    shape = (weight.shape[0], 1, -1) if is_depthwise(layer) else (1, weight.shape[0], -1)
+    return weight.reshape(shape), _as_rows(layer, weight, scale)
 
 
 def _as_rows(layer: nn.Module, weight: torch.Tensor, per_row: Bound) -> Bound:

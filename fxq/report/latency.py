@@ -108,7 +108,8 @@ def module_times_us(model: nn.Module, example_inputs: tuple[Any, ...], names: Se
         return hook
 
     handles = [handle for name, module in modules.items()
-               for handle in (module.register_forward_pre_hook(before(name)), module.register_forward_hook(after(name)))]
+               for handle in (module.register_forward_pre_hook(before(name)),
+                              module.register_forward_hook(after(name)))]
     try:
         with torch.inference_mode():
             for step in range(warmup + repeats):
