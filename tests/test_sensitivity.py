@@ -152,6 +152,29 @@ def test_recommend_keeps_the_planted_layer_in_float_and_verifies(planted_report)
         planted_report.recommend(-3)
 
 
+def test_recommend_scales_its_first_prediction_by_the_share_of_solo_noise_that_shows(planted_report, monkeypatch):
+    """Solo noises overcount: here ten units of 0.005 each sum to five times the all-int8 noise (0.01),
+    and keeping k units float removes 0.001 k. Reaching 28 dB (noise 0.00158) takes nine units; the
+    share (0.2) predicts nine at once, where the raw solo noises would predict two."""
+    from fxq.analysis.sensitivity import FloatUnit
+
+    units = [FloatUnit(f"unit{i}", (f"unit{i}",), 0.005, 100.0) for i in range(10)]
+    measured: list[list[str]] = []
+
+    def measure_with_float(names: list[str]) -> tuple[nn.Module, float]:
+        measured.append(names)
+        return planted_report.quantized, -10.0 * math.log10(0.01 - 0.001 * len(names))
+
+    monkeypatch.setattr(planted_report, "_units", units)
+    monkeypatch.setattr(planted_report, "end_to_end_sqnr_db", 20.0)
+    monkeypatch.setattr(planted_report, "_measure_with_float", measure_with_float)
+    monkeypatch.setattr(planted_report, "recommendation", None)
+    kept = planted_report.recommend(28.0)
+    assert [len(names) for names in measured[:2]] == [9, 8]  # predicted, then checked one unit lower
+    assert kept == [f"unit{i}" for i in range(9)]
+    assert planted_report.recommendation.verified_sqnr_db == pytest.approx(30.0)
+
+
 def test_plot_needs_matplotlib(planted_report, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)

@@ -232,8 +232,10 @@ class SensitivityReport:
         several times one at low resolution). How many is predicted from their solo noise powers, then
         checked by `fxq.quantize(..., keep_float=names)` and measured; while the measured SQNR falls short,
         more blocks are added from the ranking. Solo noises do not simply add up (errors interact, and a
-        float layer still reads int8 inputs), so each new prediction is scaled by the share of the chosen
-        layers' solo noise that keeping them in float actually removed; an overshoot is then narrowed by
+        float layer still reads int8 inputs), so the first prediction is scaled by the share of all units'
+        solo noise that the all-int8 model shows (`_solo_noise_share`) and each later one by the share of
+        the chosen units' solo noise that keeping them in float actually removed. A first prediction that
+        meets the target is checked one unit lower, then two, four, ...; an overshoot is narrowed by
         bisection. A cheap block ranked early may turn out unneeded once the costly ones are float (a
         layer refit to compensate an upstream layer's error shows that error as solo noise of its own),
         so the verifications left try leaving kept blocks out, least noise per microsecond first. The
@@ -250,7 +252,7 @@ class SensitivityReport:
             return []
         candidates = self.float_units()
         goal, all_int8 = _noise(target_sqnr_db), _noise(self.end_to_end_sqnr_db)
-        noise, efficiency, count = all_int8, 1.0, 0
+        noise, efficiency, count = all_int8, _solo_noise_share(candidates, all_int8), 0
         attempts: list[tuple[int, float]] = []
         while True:  # grow the set of float units until the target is met
             added = _units_to_cover(candidates[count:], (noise - goal) / efficiency)
@@ -268,10 +270,20 @@ class SensitivityReport:
                     "untraceable parts limit it); lower the target")
             # over all units taken so far: one attempt's measurement is noisy (ranges are recalibrated)
             predicted = sum(unit.noise for unit in candidates[:len(names)])
-            efficiency = min(1.0, max(0.05, (all_int8 - _noise(measured)) / predicted)) if predicted > 0 else 1.0
+            removed = (all_int8 - _noise(measured)) / predicted if predicted > 0 else 1.0
+            efficiency = min(1.0, max(MIN_NOISE_SHARE, removed))
             noise, count = _noise(measured), len(names)
-        # the last step may have overshot: bisect between the last count that fell short and the one that met it
         low, high = count, len(names)
+        if low == 0:  # the first prediction met the target: look just below it, then further down
+            step = 1
+            while high - step > low and len(attempts) < max_verifications:
+                trial_model, trial = self._measure_with_float([unit.name for unit in candidates[:high - step]])
+                attempts.append((high - step, trial))
+                if trial < target_sqnr_db:
+                    low = high - step
+                    break
+                high, model, measured, step = high - step, trial_model, trial, step * 2
+        # the last step may have overshot: bisect between the last count that fell short and the one that met it
         while high - low > 1 and len(attempts) < max_verifications:
             middle = (low + high) // 2
             trial_model, trial = self._measure_with_float([unit.name for unit in candidates[:middle]])
@@ -312,6 +324,10 @@ def _noise(db: float) -> float:
     """Noise power relative to the signal for an SQNR in dB."""
     return 10.0 ** (-db / 10.0)
 
+
+# The share of summed solo noise that `recommend` assumes keeping units float removes is kept at least
+# this: a share measured on one unit that removed almost nothing would otherwise ask for every unit.
+MIN_NOISE_SHARE = 0.05
 
 # A block kept in float as one unit holds at most this many quantized layers (an inverted residual, a
 # ResNet bottleneck with its downsample); larger modules are stages, too coarse to keep whole.
@@ -358,6 +374,18 @@ def float_units(layers: Sequence[LayerSensitivity], cost_us: Mapping[str, float]
     if cost_us is None:
         return sorted(units, key=lambda unit: -unit.noise)
     return sorted(units, key=lambda unit: -unit.noise / max(unit.cost_us, MIN_UNIT_COST_US))
+
+
+def _solo_noise_share(units: Sequence[FloatUnit], all_int8_noise: float) -> float:
+    """The all-int8 noise power over the units' summed solo noise: the share of solo noise that shows up.
+
+    Solo noises overcount: with every layer in int8, errors partly cancel and the recovery passes refit
+    downstream layers to their inputs' errors (on ImageNet MobileNetV2 the first conv alone in int8
+    costs more noise than the whole int8 model). Without this prior the first prediction keeps the one
+    unit with the most solo noise, which often removes little, and the next jumps to all of them.
+    """
+    total = sum(unit.noise for unit in units)
+    return min(1.0, max(MIN_NOISE_SHARE, all_int8_noise / total)) if total > 0 else 1.0
 
 
 def _units_to_cover(ranked: Sequence[FloatUnit], noise_to_remove: float) -> int:
