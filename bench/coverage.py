@@ -41,7 +41,7 @@ def measure(name: str, threads: int, options: dict) -> dict:
     import fxq
     from coverage_models import MODELS, build, crops
     from fxq.backend.engine import weighted_layers
-    from fxq.report.latency import measure_latency
+    from fxq.report.latency import cpu_name, isa_limits, measure_latency
     from fxq.samples import pretrained_mobilenet_v2
 
     warnings.filterwarnings("ignore")
@@ -76,6 +76,7 @@ def measure(name: str, threads: int, options: dict) -> dict:
         "quantize_s": round(quantize_s, 1), "engine": summary.engine, "conversions": summary.conversions,
         "float_ops": len(summary.float_ops), "options": options, "threads": threads,
         "float_layer_reasons": sorted({why.split(":")[0] for _, why in summary.float_layers}),
+        "cpu": cpu_name() + isa_limits(), "date": datetime.date.today().isoformat(),
     }
 
 
@@ -132,7 +133,7 @@ OPTION_NOTES = {
 def render_markdown() -> str:
     from tabulate import tabulate
 
-    from fxq.report.latency import cpu_name
+    from fxq.report.latency import cpu_name, isa_limits
 
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
     table = []
@@ -149,10 +150,13 @@ def render_markdown() -> str:
     threads = {row.get("threads") for row in rows if "threads" in row}
     changed = {key for row in rows for key in row.get("options", {})}
     notes = "".join(f"\n- `{key}=False`: {OPTION_NOTES[key]}." for key in sorted(changed) if key in OPTION_NOTES)
+    # rows measured before they recorded their CPU and date are described by the machine rendering them
+    cpus = sorted({row.get("cpu", cpu_name() + isa_limits()) for row in rows})
+    dates = sorted({row.get("date", datetime.date.today().isoformat()) for row in rows})
     header = (f"# fxq coverage: torchvision models through `fxq.quantize`\n\n"
-              f"{cpu_name()}, {', '.join(map(str, sorted(threads)))} threads, torch "
-              f"{__import__('torch').__version__}, {datetime.date.today().isoformat()}; machine shared with other "
-              f"benchmark runs (latencies are noisy, ratios less so: float and int8 are timed alternately).\n"
+              f"{'; '.join(cpus)}, {', '.join(map(str, sorted(threads)))} threads, torch "
+              f"{__import__('torch').__version__}, {' to '.join(dict.fromkeys([dates[0], dates[-1]]))}; latencies "
+              f"are medians at batch 1, float and int8 timed alternately (ratios are steadier than times).\n"
               f"`python bench/coverage.py`, fxq's default options unless the last column says otherwise. Random "
               f"weights with BatchNorm statistics "
               f"re-estimated on photographs (tests/coverage_models.py), except mobilenet_v2 (ImageNet checkpoint); "

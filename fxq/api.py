@@ -32,7 +32,7 @@ from fxq.frontend.islands import IslandPlan, find_float_islands, keep_islands_fl
 from fxq.frontend.patterns import FoundPattern, find_patterns
 from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import FloatLeaf, find_regions, trace_model
-from fxq.kernel_choice import convert_on_most_faithful_engine
+from fxq.kernel_choice import convert_on_most_faithful_engine, engine_for_graph
 from fxq.recovery.equalization import equalize
 from fxq.recovery.layers import copy_biases
 from fxq.recovery.rounding import optimize_rounding
@@ -298,6 +298,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
     keep_float = list(opts.keep_float)
     with timer.step("rewrite"):
         rewrites = fold_batchnorm(gm) + fuse_clamping_activations(gm)
+    choice = engine_for_graph(choice, opts, has_conv_adds=bool(fusable_convs(gm, example_inputs)))
     equalized, corrected = [], []
     if opts.equalize:
         with timer.step("equalize"):

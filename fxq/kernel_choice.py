@@ -18,7 +18,8 @@ catches a kernel that departs.
 onednn comes first since it runs a conv and the residual add that reads it as one kernel
 (backend.conv_add), which x86 cannot: the simulation the recovery passes correct leaves those conv
 outputs unrounded, so x86 is measured against a simulation it can only approximate, and is kept only
-when onednn departs from it by more than TOLERANCE_DB more than x86 does.
+when onednn departs from it by more than TOLERANCE_DB more than x86 does. In a model where no conv
+feeds a residual add, x86 comes first instead (`engine_for_graph`): nothing to fuse, faster linear layers.
 """
 
 from __future__ import annotations
@@ -44,9 +45,30 @@ TOLERANCE_DB = 1.0
 
 
 def candidate_engines(options: QuantOptions, choice: engine.EngineChoice) -> list[str]:
+    """The engines `convert_on_most_faithful_engine` compares, `choice`'s first (kept when as faithful)."""
     if options.backend is not Backend.AUTO or platform.machine().lower() not in ("x86_64", "amd64", "i686"):
         return [choice.engine]
-    return [name for name in X86_CANDIDATES if name in engine.available_engines()] or [choice.engine]
+    order = [choice.engine] + [name for name in X86_CANDIDATES if name != choice.engine]
+    return [name for name in order if name in engine.available_engines()] or [choice.engine]
+
+
+def engine_for_graph(choice: engine.EngineChoice, options: QuantOptions, has_conv_adds: bool) -> engine.EngineChoice:
+    """x86 in place of onednn for a model in which no conv feeds a residual add.
+
+    onednn comes first for its conv+add kernel (see the module docstring); without such a pair it has
+    nothing to fuse, and x86 (PyTorch's default, fbgemm for linear layers) ran the same int8 models as
+    fast or faster: at batch 1 under the AVX2 caps (Intel Xeon, 2 threads; bench/coverage.py --options
+    '{"backend": ...}'), VGG-11-BN 0.44 of float against 0.58, ViT-B/16 0.66 against 0.77, ConvNeXt-T
+    0.81 against 0.91, Swin-T 0.90 against 0.97, and GoogLeNet, DenseNet-121, Inception-v3 and
+    SqueezeNet within 3%, at the same SQNR. Kept when the two engines would need different weight grids.
+    """
+    if (options.backend is not Backend.AUTO or choice.engine != "onednn" or has_conv_adds
+            or "x86" not in candidate_engines(options, choice)
+            or engine.probe_kernel_saturation("x86") != choice.kernel_saturates):
+        return choice
+    return dataclasses.replace(choice, engine="x86", reason=(
+        f"{choice.reason}; x86 in place of onednn: no conv feeds a residual add, so onednn's conv+add "
+        "kernel has nothing to fuse, and x86 runs int8 linear layers faster"))
 
 
 def _fidelity_db(reference_outputs: list, model: nn.Module, batch: Batch, engine_name: str) -> float:

@@ -165,3 +165,24 @@ def test_quantize_leaves_the_global_engine_on_the_models_own(blocks, options):
             assert sqnr(blocks(evaluation), quantized(evaluation)) > 18.0
     finally:
         torch.backends.quantized.engine = previous
+
+
+def test_a_model_without_a_conv_feeding_a_residual_add_runs_on_x86(blocks):
+    """onednn is preferred for its conv+add kernel; the stem and first two blocks hold no such pair, so
+    auto takes x86 (faster int8 linear layers) and says why, and x86 stays as faithful as onednn."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        pytest.skip("needs the x86 engine")
+    batches, evaluation = photo_batches()
+    no_skip = blocks[:3]  # features.0 to features.2: no residual add
+    quantized = fxq.quantize(no_skip, batches[0][:1], calibration_data=batches, **FAST)
+    summary = fxq.summary_of(quantized)
+    assert summary.engine == "x86" and "no conv feeds a residual add" in summary.engine_reason
+    assert not [p for p in summary.patterns if p.startswith("conv-add")]
+    assert list(summary.engine_fidelity_db) == ["x86", "onednn"]
+    assert summary.engine_fidelity_db["x86"] >= summary.engine_fidelity_db["onednn"] - 1.0
+    forced = fxq.quantize(no_skip, batches[0][:1], calibration_data=batches, backend="onednn", **FAST)
+    assert fxq.summary_of(forced).engine == "onednn"  # a named backend is never replaced
+    with torch.no_grad():
+        reference = no_skip(evaluation)
+        on_x86, on_onednn = sqnr(reference, quantized(evaluation)), sqnr(reference, forced(evaluation))
+    assert on_x86 > 17.0 and on_x86 > on_onednn - 0.5, (on_x86, on_onednn)  # 19.3 dB measured (VNNI)

@@ -146,7 +146,8 @@ def select_engine(options: QuantOptions) -> EngineChoice:
         # x86 dispatches per op to fbgemm or onednn. On x86 CPUs auto stays within the engines that
         # kernel_choice compares; any other supported engine must be named (the error says which).
         # onednn first on x86: its conv2d_add kernel saves residual blocks a rounding (backend.conv_add),
-        # at the same batch-1 latency as x86 (MobileNetV2, ResNet-18; with and without VNNI).
+        # at the same batch-1 latency as x86 (MobileNetV2, ResNet-18; with and without VNNI). A model
+        # with no such pair goes to x86 once its graph is known (kernel_choice.engine_for_graph).
         preference = ("qnnpack", "onednn") if arm else ("onednn", "x86")
         engine = next((name for name in preference if name in available), None)
         if engine is None:

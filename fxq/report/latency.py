@@ -140,7 +140,9 @@ def cpu_name() -> str:
 
 # Environment variables that cap the instruction set the int8 kernels use (an AVX-512 VNNI machine then
 # computes as one with AVX2 only: same saturating pair sums, same numbers).
-ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS")
+# Environment variables that cap the instruction set of one of torch's kernel libraries (oneDNN, FBGEMM,
+# MKL's BLAS for float linear layers, ATen's own vectorized ops), to emulate an older CPU on a newer one.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def isa_limits() -> str:
