@@ -122,14 +122,6 @@ def run_all(names: list[str], threads: int, options: dict, timeout_s: int) -> No
         print(f"{name}: {row.get('error') or row} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-# Rows measured with other options than fxq's defaults, and why (shown under the table).
-OPTION_NOTES = {
-    "bias_correction": "fxq.recovery.bias_correction takes dim 1 as the channel dim of every layer's output; "
-                       "a linear layer on channels-last tokens (ConvNeXt, ViT, Swin, MaxViT) makes it stop with "
-                       "a shape error, so these rows run with bias_correction=False until it is fixed",
-}
-
-
 def render_markdown() -> str:
     from tabulate import tabulate
 
@@ -139,17 +131,16 @@ def render_markdown() -> str:
     table = []
     for row in rows:
         if "error" in row:
-            table.append([row["model"], "error", "", "", "", "", "", "", row["error"].strip().splitlines()[-1][:80], ""])
+            table.append([row["model"], "error", "", "", "", "", "", "", "", row["error"].strip().splitlines()[-1][:80],
+                          ""])
             continue
         reasons = ", ".join(row["float_layer_reasons"]) or ""
         options = ", ".join(f"{k}={v}" for k, v in row.get("options", {}).items())
         table.append([row["model"], row["input"], f"{row['int8_layers']}/{row['int8_layers'] + row['float_layers']}",
                       f"{row['int8_fraction']:.2f}", f"{row['latency_ratio']:.2f}",
                       f"{row['float_ms']:.1f} / {row['int8_ms']:.1f}", f"{row['sqnr_db']:.1f}",
-                      f"{row['sqnr_recovery_off_db']:.1f}", reasons, options or "defaults"])
+                      f"{row['sqnr_recovery_off_db']:.1f}", row.get("engine", ""), reasons, options or "defaults"])
     threads = {row.get("threads") for row in rows if "threads" in row}
-    changed = {key for row in rows for key in row.get("options", {})}
-    notes = "".join(f"\n- `{key}=False`: {OPTION_NOTES[key]}." for key in sorted(changed) if key in OPTION_NOTES)
     # rows measured before they recorded their CPU and date are described by the machine rendering them
     cpus = sorted({row.get("cpu", cpu_name() + isa_limits()) for row in rows})
     dates = sorted({row.get("date", datetime.date.today().isoformat()) for row in rows})
@@ -167,9 +158,9 @@ def render_markdown() -> str:
               f"networks amplify any perturbation, so low SQNRs here say little about accuracy (the MobileNetV2 "
               f"row has real weights).\n\n")
     body = tabulate(table, headers=["model", "input", "int8 conv/linear", "int8 fraction", "int8/float latency",
-                                    "float / int8 ms", "SQNR dB", "SQNR dB, recovery off", "why layers stay float",
+                                    "float / int8 ms", "SQNR dB", "SQNR dB, recovery off", "engine", "why layers stay float",
                                     "options"], tablefmt="pipe")
-    return header + body + "\n" + (f"\nNotes:{notes}\n" if notes else "")
+    return header + body + "\n"
 
 
 def main() -> None:
