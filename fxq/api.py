@@ -19,6 +19,7 @@ from torch import fx, nn
 from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
+from fxq.backend.float_outputs import dynamic_output_linears
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.backend.weight_bits import measure_weight_bits, with_weight_grid
 from fxq.calibration import Batch, first_nonfinite_module, materialize, outputs, run_batches
@@ -341,6 +342,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, opts, choice, batches[0],
                                                                       conv_adds)
         engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
+        dynamic_outputs = dynamic_output_linears(quantized, choice.engine)
         restore_output_type(quantized, run_example(work, example_inputs))
     with timer.step("inside_leaves"):
         around, parts = _quantize_inside_leaves(work, quantized, leaves, [example_inputs] + batches, options,
@@ -350,7 +352,8 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         opts, choice, engine_fidelity_db=fidelity,
         patterns=[str(p) for p in patterns] + [f"{r}.{p}" for r, s in parts.items() for p in s.patterns]
         + [f"conv-add (one int8 kernel): {name} + add" for name in fused_layers(quantized)],
-        rewrites=traced_rewrites + [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites],
+        rewrites=traced_rewrites + [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites]
+        + [f"returned linear as dynamic int8 (float output, no output rounding): {name}" for name in dynamic_outputs],
         float_layers=_float_layers_after(quantized, around, keep_float, plan)
         + [(f"{r}.{n}", why) for r, s in parts.items() for n, why in s.float_layers],
         float_ops=_untraceable_ops(around, parts) + float_ops

@@ -28,8 +28,8 @@ import torch
 from torch import fx, nn
 
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
-from fxq.analysis.shadow import LayerErrors, LayerPair, output_tensors, pair_layers, remove_inplace_ops, \
-    run_side_by_side
+from fxq.analysis.shadow import LayerErrors, LayerPair, is_float_input, output_tensors, pair_layers, \
+    remove_inplace_ops, run_side_by_side
 from fxq.api import quantize, trace_and_open_up
 from fxq.backend.engine import WeightGrid, is_weighted_quantized_module, using_engine, weight_qparams
 from fxq.calibration import Batch, materialize
@@ -64,7 +64,7 @@ class LayerSensitivity:
     outlier_ratio: float  # peak |activation| / RMS
     input_scale: float | None
     input_zero_point: int | None
-    output_scale: float
+    output_scale: float  # nan for a dynamic layer (backend.float_outputs): it returns float
     output_zero_point: int
 
 
@@ -521,8 +521,11 @@ def _row(pair: LayerPair, index: int, errors: LayerErrors, pattern: str | None) 
         weight_range_ratio=channel_range_ratio(float_weight) if has_weight else None,
         activation_min=errors.activation.minimum, activation_max=errors.activation.maximum,
         outlier_ratio=errors.activation.outlier_ratio,
-        input_scale=grid[0] if grid else None, input_zero_point=grid[1] if grid else None,
-        output_scale=float(pair.int8_module.scale), output_zero_point=int(pair.int8_module.zero_point),
+        input_scale=grid[0] if grid and not is_float_input(grid) else None,
+        input_zero_point=grid[1] if grid and not is_float_input(grid) else None,
+        # a dynamic layer returns float: no output grid
+        output_scale=float(getattr(pair.int8_module, "scale", math.nan)),
+        output_zero_point=int(getattr(pair.int8_module, "zero_point", 0)),
     )
 
 

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxq.analysis.metrics import ActivationStats, ErrorStats
 from fxq.backend.conv_add import is_conv_add
-from fxq.backend.engine import is_quantized_module, using_engine
+from fxq.backend.engine import is_dynamic_quantized_module, is_quantized_module, using_engine
 from fxq.calibration import Batch
 
 
@@ -85,7 +85,8 @@ def pair_layers(float_gm: fx.GraphModule, quantized: fx.GraphModule) -> list[Lay
         if node.op != "call_module" or node.target in pairs:
             continue
         module = quantized.get_submodule(str(node.target))
-        if is_quantized_module(module) and hasattr(module, "scale") and node.target in float_modules:
+        measurable = hasattr(module, "scale") or is_dynamic_quantized_module(module)
+        if is_quantized_module(module) and measurable and node.target in float_modules:
             pairs[str(node.target)] = LayerPair(str(node.target), type(module).__name__,
                                                 float_modules[str(node.target)], module)
     return list(pairs.values())
@@ -157,8 +158,19 @@ def _as_float(value: torch.Tensor) -> torch.Tensor:
     return value.dequantize() if value.is_quantized else value
 
 
-def _input_grid(inputs: tuple[Any, ...], position: int = 0) -> tuple[float, int, torch.dtype] | None:
+# The "grid" of a dynamic layer's input: it reads float and quantizes on each call's own range.
+FLOAT_INPUT = (float("nan"), 0, torch.float32)
+
+
+def is_float_input(grid: tuple[float, int, torch.dtype] | None) -> bool:
+    return grid is not None and grid[2] == torch.float32
+
+
+def _input_grid(inputs: tuple[Any, ...], position: int = 0,
+                dynamic: bool = False) -> tuple[float, int, torch.dtype] | None:
     x = inputs[position] if len(inputs) > position else None
+    if dynamic and isinstance(x, torch.Tensor) and x.is_floating_point():
+        return FLOAT_INPUT
     if isinstance(x, torch.Tensor) and x.is_quantized and x.qscheme() in (torch.per_tensor_affine,
                                                                           torch.per_tensor_symmetric):
         return float(x.q_scale()), int(x.q_zero_point()), x.dtype
@@ -166,6 +178,8 @@ def _input_grid(inputs: tuple[Any, ...], position: int = 0) -> tuple[float, int,
 
 
 def _on_grid(x: torch.Tensor, grid: tuple[float, int, torch.dtype]) -> torch.Tensor:
+    if is_float_input(grid):
+        return x.detach()
     scale, zero_point, dtype = grid
     return torch.quantize_per_tensor(x.detach(), scale, zero_point, dtype)
 
@@ -271,7 +285,7 @@ def _run_int8(quantized: fx.GraphModule, pairs: Sequence[LayerPair], layers: dic
             errors, index = layers[name], calls[name]
             calls[name] += 1
             if index == len(errors.input_grids):
-                errors.input_grids.append(_input_grid(inputs))
+                errors.input_grids.append(_input_grid(inputs, dynamic=is_dynamic_quantized_module(_module)))
             if index < len(output_nodes[name]):
                 reference = env[output_nodes[name][index]]
                 errors.activation.update(reference)

@@ -24,15 +24,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxq.frontend.graph import replace_module
+from fxq.frontend.graph import only_user, replace_module
 
 # Engines whose int8 conv2d_add kernel exists (fbgemm and x86 would run a packed weight they cannot add to).
 FUSING_ENGINES = frozenset({"onednn"})
 _FLOAT_ADDS = (operator.add, torch.add)
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
 
 
 def fusable_convs(gm: fx.GraphModule, example_inputs: tuple) -> frozenset[str]:
@@ -91,13 +87,13 @@ def skip_output_rounding(simulation: fx.GraphModule, names: Iterable[str]) -> li
         if node.op != "call_module" or str(node.target) not in names \
                 or type(simulation.get_submodule(str(node.target))) is not nnqr.Conv2d:
             continue  # kept float, the int8 model cannot fuse it either
-        quantize = _only_user(node)
+        quantize = only_user(node)
         if quantize is None or quantize.target is not torch.quantize_per_tensor:
             continue
-        dequantize = _only_user(quantize)
+        dequantize = only_user(quantize)
         if dequantize is None or dequantize.target != "dequantize":
             continue
-        add = _only_user(dequantize)
+        add = only_user(dequantize)
         if add is None or add.op != "call_function" or add.target not in _FLOAT_ADDS:
             continue
         add.replace_input_with(dequantize, node)
@@ -129,7 +125,7 @@ def fuse_into_adds(quantized: fx.GraphModule, names: Iterable[str]) -> list[str]
         if node.op != "call_module" or str(node.target) not in names:
             continue
         conv = quantized.get_submodule(str(node.target))
-        add = _only_user(node)
+        add = only_user(node)
         kinds = {torch.ops.quantized.add: nniq.ConvAdd2d, torch.ops.quantized.add_relu: nniq.ConvAddReLU2d}
         if type(conv) is not nnq.Conv2d or add is None or add.op != "call_function" or add.target not in kinds \
                 or len(add.args) != 4 or add.kwargs:

@@ -20,6 +20,11 @@ def single_user(node: fx.Node) -> bool:
     return len(node.users) == 1
 
 
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node that consumes `node`'s output, else None."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
 def replace_module(gm: fx.GraphModule, qualified_name: str, new_module: nn.Module) -> None:
     """Put `new_module` at `qualified_name` (a dotted path) inside `gm`."""
     parent_name, _, child_name = qualified_name.rpartition(".")
