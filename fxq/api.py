@@ -353,7 +353,7 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         patterns=[str(p) for p in patterns] + [f"{r}.{p}" for r, s in parts.items() for p in s.patterns]
         + [f"conv-add (one int8 kernel): {name} + add" for name in fused_layers(quantized)],
         rewrites=traced_rewrites + [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites]
-        + [f"returned linear as dynamic int8 (float output, no output rounding): {name}" for name in dynamic_outputs],
+        + _dynamic_output_rewrites(dynamic_outputs),
         float_layers=_float_layers_after(quantized, around, keep_float, plan)
         + [(f"{r}.{n}", why) for r, s in parts.items() for n, why in s.float_layers],
         float_ops=_untraceable_ops(around, parts) + float_ops
@@ -368,6 +368,10 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
                           **{f"{r}.{n}": c for r, s in parts.items() for n, c in s.observer_choices.items()}},
         timings_s=timer.seconds)
     return quantized, summary
+
+
+def _dynamic_output_rewrites(names: list[str]) -> list[str]:
+    return [f"returned linear as dynamic int8 (float output, no output rounding): {name}" for name in names]
 
 
 def _measured_weight_grid(prepared: fx.GraphModule, grid: engine.WeightGrid, choice: engine.EngineChoice,
@@ -580,7 +584,9 @@ def convert(prepared: nn.Module) -> nn.Module:
     opts, choice, leaves = _QAT_STATE[prepared]
     trained = copy.deepcopy(prepared).eval()
     quantized = engine.convert(trained, choice)
-    attach(quantized, _summary(opts, choice, float_layers=_float_layers_after(quantized, leaves, opts.keep_float)))
+    dynamic_outputs = dynamic_output_linears(quantized, choice.engine)
+    attach(quantized, _summary(opts, choice, float_layers=_float_layers_after(quantized, leaves, opts.keep_float),
+                               rewrites=_dynamic_output_rewrites(dynamic_outputs)))
     return quantized
 
 

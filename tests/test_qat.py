@@ -45,6 +45,9 @@ def test_qat_int8_accuracy_within_one_point_of_float(digits):
     int8_convs = [m for m in int8_model.modules() if type(m).__module__.startswith("torch.ao.nn.intrinsic.quantized")]
     assert len(int8_convs) == 2
     assert not any(isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)) for m in int8_model.modules())
+    # the returned classifier runs as a dynamic int8 linear: float logits, not rounded to 8 bits
+    assert type(int8_model.get_submodule("classifier")).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert any(r.endswith(": classifier") for r in fxq.summary_of(int8_model).rewrites)
 
 
 def test_frozen_qat_model_stops_updating_ranges_and_bn_stats(digits):
