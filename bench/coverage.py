@@ -158,8 +158,8 @@ def render_markdown() -> str:
               f"networks amplify any perturbation, so low SQNRs here say little about accuracy (the MobileNetV2 "
               f"row has real weights).\n\n")
     body = tabulate(table, headers=["model", "input", "int8 conv/linear", "int8 fraction", "int8/float latency",
-                                    "float / int8 ms", "SQNR dB", "SQNR dB, recovery off", "engine", "why layers stay float",
-                                    "options"], tablefmt="pipe")
+                                    "float / int8 ms", "SQNR dB", "SQNR dB, recovery off", "engine",
+                                    "why layers stay float", "options"], tablefmt="pipe")
     return header + body + "\n"
 
 

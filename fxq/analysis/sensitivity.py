@@ -509,7 +509,7 @@ def _eval_batches(eval_data: Iterable[Any], example_inputs: Batch) -> list[Batch
 def _row(pair: LayerPair, index: int, errors: LayerErrors, pattern: str | None) -> dict[str, Any]:
     float_weight, int8_weight = _float_weight(pair), _int8_weight(pair)
     has_weight = float_weight is not None and int8_weight is not None
-    grid = errors.input_grid
+    grid = None if is_float_input(errors.input_grid) else errors.input_grid  # a dynamic layer reads float
     accumulated = errors.accumulated
     return dict(
         name=pair.name, op=pair.op, pattern=pattern, index=index,
@@ -521,8 +521,7 @@ def _row(pair: LayerPair, index: int, errors: LayerErrors, pattern: str | None) 
         weight_range_ratio=channel_range_ratio(float_weight) if has_weight else None,
         activation_min=errors.activation.minimum, activation_max=errors.activation.maximum,
         outlier_ratio=errors.activation.outlier_ratio,
-        input_scale=grid[0] if grid and not is_float_input(grid) else None,
-        input_zero_point=grid[1] if grid and not is_float_input(grid) else None,
+        input_scale=grid[0] if grid else None, input_zero_point=grid[1] if grid else None,
         # a dynamic layer returns float: no output grid
         output_scale=float(getattr(pair.int8_module, "scale", math.nan)),
         output_zero_point=int(getattr(pair.int8_module, "zero_point", 0)),

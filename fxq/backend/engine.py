@@ -569,7 +569,8 @@ def _is_weighted_int8(module: nn.Module) -> bool:
 __all__ = [
     "EngineChoice", "WeightGrid", "weight_grid", "available_engines", "using_engine", "probe_kernel_saturation",
     "sums_exactly", "select_engine",
-    "build_static_qconfig_mapping", "is_dynamic_quantized_module", "range_choices", "prepare_static", "prepare_qat", "prepare_dynamic", "convert",
+    "build_static_qconfig_mapping", "is_dynamic_quantized_module", "range_choices", "prepare_static", "prepare_qat",
+    "prepare_dynamic", "convert",
     "convert_reference", "observers", "freeze_observers", "freeze_bn_stats", "is_quantized_module",
     "WEIGHT_TYPES", "DYNAMIC_TYPES", "WeightedLayers", "weighted_layers", "repack_weights", "quantizes_op",
     "is_shape_op", "count_conversions",
