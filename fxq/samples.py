@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,20 @@ def normalize_imagenet(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def random_crops(count: int, seed: int, size: int = 224,
-                 photos: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """`count` ImageNet-normalized crops (count, 3, size, size) from the photographs.
+def normalize_mtcnn(images: torch.Tensor) -> torch.Tensor:
+    """MTCNN's pixel scaling, (x * 255 - 127.5) / 128, of a batch in [0, 1]."""
+    return (images * 255.0 - 127.5) / 128.0
+
+
+def mtcnn_crops(count: int, seed: int, size: int) -> torch.Tensor:
+    """`random_crops` at MTCNN's window size, scaled as MTCNN scales pixels (facenet-pytorch's networks)."""
+    return random_crops(count, seed, size, normalize=normalize_mtcnn)
+
+
+def random_crops(count: int, seed: int, size: int = 224, photos: Sequence[torch.Tensor] | None = None,
+                 normalize: Callable[[torch.Tensor], torch.Tensor] = normalize_imagenet) -> torch.Tensor:
+    """`count` crops (count, 3, size, size) from the photographs, ImageNet-normalized unless `normalize`
+    says otherwise.
 
     Square crops with side uniform in [96, min(H, W)], resized bilinearly to `size`, randomly flipped:
     the proxy protocol of the accuracy benchmark. The same seed always gives the same crops.
@@ -75,7 +86,7 @@ def random_crops(count: int, seed: int, size: int = 224,
         if bool(torch.rand((), generator=generator) < 0.5):
             crop = crop.flip(-1)
         crops.append(crop)
-    return normalize_imagenet(torch.cat(crops).clamp(0.0, 1.0))
+    return normalize(torch.cat(crops).clamp(0.0, 1.0))
 
 
 def mobilenet_v2_checkpoint() -> Path:

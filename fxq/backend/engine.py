@@ -24,8 +24,9 @@ from torch.ao.quantization.qconfig import default_dynamic_qconfig, per_channel_d
 from torch.ao.quantization.qconfig_mapping import get_default_qat_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx, prepare_qat_fx
 
-from fxq.backend import conv_add
+from fxq.backend import conv_add, float_shield
 from fxq.backend.observers import AutoRangeObserver, MSEObserver, PercentileObserver
+from fxq.backend.prelu_slopes import PReLUSlopeObserver
 from fxq.config import Backend, Observer, QuantOptions, key_covers
 from fxq.errors import UnsupportedBackendError
 from fxq.frontend.graph import get_module
@@ -240,8 +241,9 @@ def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choi
                                  keep_float: Iterable[str] = ()) -> QConfigMapping:
     """Global static qconfig plus per-layer overrides (observer choice, float layers) by module name."""
     weight = weight_grid(options, choice).observer()
-    mapping = QConfigMapping().set_global(
-        QConfig(activation=_activation_observer(options.activation_observer, choice.reduce_range), weight=weight))
+    activation = _activation_observer(options.activation_observer, choice.reduce_range)
+    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight)) \
+        .set_object_type(nn.PReLU, QConfig(activation=activation, weight=PReLUSlopeObserver))
     float_keys = list(options.keep_float) + list(keep_float)
     for name, module in gm.named_modules():
         if not name:
@@ -252,7 +254,8 @@ def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choi
         for key, observer_kind in options.observer_overrides.items():
             if key_covers([key], name, module):
                 mapping.set_module_name(name, QConfig(
-                    activation=_activation_observer(observer_kind, choice.reduce_range), weight=weight))
+                    activation=_activation_observer(observer_kind, choice.reduce_range),
+                    weight=PReLUSlopeObserver if isinstance(module, nn.PReLU) else weight))
     _keep_functions_float(gm, mapping, [key for key in float_keys if isinstance(key, str)])
     return mapping
 
@@ -359,8 +362,14 @@ def _custom_config(non_traceable: Iterable[str]) -> PrepareCustomConfig:
 def prepare_static(gm: fx.GraphModule, mapping: QConfigMapping, example_inputs: tuple,
                    choice: EngineChoice, non_traceable: Iterable[str] = ()) -> fx.GraphModule:
     """Insert observers (static PTQ) into an eval-mode traced model."""
+    shielded = float_shield.shield(gm, _float_module_names(mapping))
     with using_engine(choice.engine):
-        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
+        return prepare_fx(gm, mapping, example_inputs,
+                          prepare_custom_config=_custom_config([*non_traceable, *shielded]))
+
+
+def _float_module_names(mapping: QConfigMapping) -> list[str]:
+    return [name for name, qconfig in mapping.module_name_qconfigs.items() if qconfig is None and name]
 
 
 def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
@@ -379,11 +388,15 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
             qscheme=torch.per_channel_symmetric,
             **(SEVEN_BIT_WEIGHTS if choice.seven_bit_weights else dict(quant_min=-128, quant_max=127)))
         mapping.set_global(QConfig(activation=activation, weight=weight))
+    # PReLU slopes are not fake-quantized in training; this grid is the one convert puts them on
+    mapping.set_object_type(nn.PReLU, QConfig(activation=mapping.global_qconfig.activation, weight=PReLUSlopeObserver))
     for name, module in model.named_modules():
         if name and key_covers(keep_float, name, module):
             mapping.set_module_name(name, None)
+    shielded = float_shield.shield(model, _float_module_names(mapping))
     with using_engine(choice.engine):
-        return prepare_qat_fx(model, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
+        return prepare_qat_fx(model, mapping, example_inputs,
+                              prepare_custom_config=_custom_config([*non_traceable, *shielded]))
 
 
 def prepare_dynamic(gm: nn.Module, example_inputs: tuple, options: QuantOptions, choice: EngineChoice,
@@ -405,7 +418,7 @@ def convert(prepared: fx.GraphModule, choice: EngineChoice, conv_adds: Iterable[
     """Lower an observed or QAT model to int8 kernels; on an engine that can, the `conv_adds` layers
     (`conv_add.fusable_convs`) run as one kernel with the residual add that reads them."""
     with using_engine(choice.engine):
-        quantized = convert_fx(prepared)
+        quantized = float_shield.unshield(convert_fx(prepared))
         if choice.fuses_conv_add:
             conv_add.fuse_into_adds(quantized, conv_adds)
         return quantized
@@ -429,7 +442,7 @@ def convert_reference(prepared: fx.GraphModule, choice: EngineChoice, conv_adds:
     """Float simulation of the int8 model (quantize/dequantize pairs, fake-quantized weights), with the
     `conv_adds` outputs left unrounded where `convert` fuses them into their adds."""
     with using_engine(choice.engine):
-        simulation = convert_to_reference_fx(prepared)
+        simulation = float_shield.unshield(convert_to_reference_fx(prepared))
     if choice.fuses_conv_add:
         conv_add.skip_output_rounding(simulation, conv_adds)
     return simulation
