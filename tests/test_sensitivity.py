@@ -472,18 +472,26 @@ def two_resolutions_model() -> TwoResolutions:
     return model
 
 
-def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(photo_batches):
+def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(photo_batches, monkeypatch):
+    from fxq.recovery import mixed_precision
+
+    # costs as timed on an Intel Xeon (VNNI), not on this machine: timed under load, narrow once came out
+    # at -40 us and failed the test; timings belong in bench/ (bench/island_costs.py)
+    timed = {"narrow": 44.0, "wide": 380.0}
+    table_costs = mixed_precision.float_unit_costs
+    monkeypatch.setattr(mixed_precision, "float_unit_costs", lambda *args, **kwargs: {
+        name: timed.get(name, cost) for name, cost in table_costs(*args, **kwargs).items()})
     calibration, evaluation = photo_batches
     report = sensitivity(two_resolutions_model(), calibration[0][:1], calibration_data=calibration,
                          eval_data=evaluation, equalize=False)
     by_noise = [unit.name for unit in float_units([layer for layer in report.layers])]
     assert by_noise.index("wide") < by_noise.index("narrow")  # the old ranking would keep wide float first
     units = {unit.name: unit for unit in report.float_units()}
-    assert units["wide"].cost_us > 3 * units["narrow"].cost_us > 0
+    assert (units["narrow"].cost_us, units["wide"].cost_us) == (44.0, 380.0)
     ranked = list(units)
     assert ranked.index("narrow") < ranked.index("wide")
     # keeping either block float reaches the target; the cheaper one is chosen. Measured (Intel Xeon, VNNI):
-    # all int8 39.5 dB, narrow float 42.5 dB, wide float 42.2 dB; measured costs narrow 44 us, wide 380 us
+    # all int8 39.5 dB, narrow float 42.5 dB, wide float 42.2 dB
     # (the 1x1 head, measured faster in float, may be ranked before narrow and is then left out again)
     target = report.end_to_end_sqnr_db + 0.4
     kept = report.recommend(target)

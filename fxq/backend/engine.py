@@ -389,7 +389,8 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
             **(SEVEN_BIT_WEIGHTS if choice.seven_bit_weights else dict(quant_min=-128, quant_max=127)))
         mapping.set_global(QConfig(activation=activation, weight=weight))
     # PReLU slopes are not fake-quantized in training; this grid is the one convert puts them on
-    mapping.set_object_type(nn.PReLU, QConfig(activation=mapping.global_qconfig.activation, weight=PReLUSlopeObserver))
+    mapping.set_object_type(nn.PReLU, QConfig(activation=mapping.global_qconfig.activation,
+                                              weight=PReLUSlopeObserver))
     for name, module in model.named_modules():
         if name and key_covers(keep_float, name, module):
             mapping.set_module_name(name, None)
