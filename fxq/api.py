@@ -157,13 +157,20 @@ def _float_module_names(gm: fx.GraphModule, keep_float: Iterable[Any], leaves: l
     return names
 
 
-def _float_ops(gm: fx.GraphModule, plan: IslandPlan | None, leaves: list[FloatLeaf]) -> list[tuple[str, str]]:
+def _float_ops(gm: fx.GraphModule, plan: IslandPlan | None, leaves: list[FloatLeaf],
+               keep_float: Iterable[Any] = ()) -> list[tuple[str, str]]:
     """Ops of the traced float graph that run in float in the int8 model, grouped by kind, with why
-    (untraceable leaves are listed with the float layers)."""
+    (untraceable leaves, and conv/linear layers kept float, are listed with the float layers)."""
     leaf_names = {leaf.module for leaf in leaves}
+    kept_names = set(_float_module_names(gm, keep_float, []))
     no_kernel: dict[str, list[str]] = {}
+    kept: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and str(node.target) in leaf_names:
+            continue
+        if node.op == "call_module" and str(node.target) in kept_names and engine.quantizes_op(gm, node) \
+                and not engine.is_weighted_module(gm.get_submodule(str(node.target))):
+            kept.setdefault(type(gm.get_submodule(str(node.target))).__name__, []).append(str(node.target))
             continue
         if node.op in ("call_function", "call_method", "call_module") and not engine.quantizes_op(gm, node) \
                 and not engine.is_shape_op(gm, node):
@@ -172,13 +179,18 @@ def _float_ops(gm: fx.GraphModule, plan: IslandPlan | None, leaves: list[FloatLe
             no_kernel.setdefault(kind, []).append(str(node.target) if node.op == "call_module" else node.name)
     listed = []
     for kind, nodes in no_kernel.items():
-        shown = ", ".join(nodes[:3]) + (f", ... ({len(nodes)} in all)" if len(nodes) > 3 else "")
-        listed.append((f"{kind}: {shown}", "no int8 kernel in torch.ao: runs in float between dequantize and quantize"))
+        listed.append((f"{kind}: {_shown(nodes)}", "no int8 kernel in torch.ao: runs in float between dequantize and quantize"))
+    for kind, names in kept.items():
+        listed.append((f"{kind}: {_shown(names)}", "keep_float"))
     for island in plan.islands if plan else ():
         ops = ", ".join(dict.fromkeys(island.ops))
-        shown = ", ".join(island.nodes[:3]) + (f", ... ({len(island.nodes)} in all)" if len(island.nodes) > 3 else "")
-        listed.append((f"{ops}: {shown}", island.reason))
+        listed.append((f"{ops}: {_shown(island.nodes)}", island.reason))
     return listed
+
+
+def _shown(names: list[str]) -> str:
+    """The first three names, and how many there are in all when there are more."""
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
 
 
 def _summary(options: QuantOptions, choice: engine.EngineChoice, **fields: Any) -> QuantizationSummary:
@@ -309,10 +321,10 @@ def _quantize_static(work: nn.Module, gm: fx.GraphModule, example_inputs: Batch,
         with timer.step("islands"):
             plan = find_float_islands(gm, example_inputs, engine.quantizes_op, choice.engine,
                                       _float_module_names(gm, keep_float, leaves))
-            float_ops = _float_ops(gm, plan, leaves)  # before outlining renames the island ops
+            float_ops = _float_ops(gm, plan, leaves, keep_float)  # before outlining renames the island ops
             island_modules = keep_islands_float(gm, plan)
     else:
-        float_ops = _float_ops(gm, None, leaves)
+        float_ops = _float_ops(gm, None, leaves, keep_float)
     float_keys = tuple(keep_float) + tuple(island_modules)  # recovery passes skip these layers
     on_simulation = opts.bias_correction or opts.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards

@@ -79,6 +79,8 @@ def test_an_activation_kept_float_between_int8_convs_runs_float():
     assert type(kept.get_submodule("act")) is nn.Hardswish
     assert type(kept.get_submodule("slopes")) is nn.PReLU
     assert all(is_quantized_module(kept.get_submodule(name)) for name in ("first", "second", "third"))
+    assert ("Hardswish: act", "keep_float") in fxq.summary_of(kept).float_ops  # the summary says so
+    assert ("PReLU: slopes", "keep_float") in fxq.summary_of(kept).float_ops
     x = torch.randn(8, 3, 16, 16)
     with torch.no_grad():
         assert sqnr(model(x), kept(x)) > 25

@@ -530,6 +530,12 @@ _FLOAT_WEIGHTED_FUNCTIONS = {torch.nn.functional.linear, torch.nn.functional.con
                              torch.nn.functional.conv3d, torch.conv2d, torch.conv1d, torch.conv3d}
 
 
+def is_weighted_module(module: nn.Module) -> bool:
+    """A float conv or linear, or a fused conv/linear + activation container (torch.ao.nn.intrinsic)."""
+    return isinstance(module, WEIGHT_TYPES) or (type(module).__module__.startswith("torch.ao.nn.intrinsic")
+                                                and isinstance(next(module.children(), None), WEIGHT_TYPES))
+
+
 def weighted_layers(quantized_model: nn.Module) -> WeightedLayers:
     """Every conv / linear call of the model: module calls, functional calls with packed int8 weights, and
     the conv / linear modules inside submodules that run as opaque float code (untraceable leaves).
@@ -558,8 +564,7 @@ def weighted_layers(quantized_model: nn.Module) -> WeightedLayers:
                 name = f"{scope}{node.target}"
                 if _is_weighted_int8(module):
                     int8.append(name)
-                elif isinstance(module, WEIGHT_TYPES) or (type(module).__module__.startswith("torch.ao.nn.intrinsic")
-                                                         and isinstance(next(module.children(), None), WEIGHT_TYPES)):
+                elif is_weighted_module(module):
                     floating.append(name)  # a conv/linear, or a fused conv+activation container, in float
                 else:  # an opaque submodule: every conv / linear inside runs in float
                     floating += [f"{name}.{inner}" if inner else name for inner, m in module.named_modules()
@@ -583,7 +588,7 @@ def _is_weighted_int8(module: nn.Module) -> bool:
 __all__ = [
     "EngineChoice", "WeightGrid", "weight_grid", "available_engines", "using_engine", "probe_kernel_saturation",
     "sums_exactly", "select_engine",
-    "build_static_qconfig_mapping", "is_dynamic_quantized_module", "range_choices", "prepare_static", "prepare_qat",
+    "build_static_qconfig_mapping", "is_dynamic_quantized_module", "is_weighted_module", "range_choices", "prepare_static", "prepare_qat",
     "prepare_dynamic", "convert",
     "convert_reference", "observers", "freeze_observers", "freeze_bn_stats", "is_quantized_module",
     "WEIGHT_TYPES", "DYNAMIC_TYPES", "WeightedLayers", "weighted_layers", "repack_weights", "quantizes_op",
