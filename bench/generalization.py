@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import argparse
 import time
 import warnings
+from typing import Iterator
 
 import torch
 from tabulate import tabulate
@@ -61,6 +62,18 @@ def fxq_with_engine(model: torch.nn.Module, calibration: list[torch.Tensor]) -> 
     return quantized, fxq.summary_of(quantized).engine
 
 
+def quantized_side_by_side(model: torch.nn.Module, calibration: list[torch.Tensor],
+                           native_model: torch.nn.Module | None = None
+                           ) -> Iterator[tuple[torch.nn.Module, str, float]]:
+    """PyTorch's FX default (on `native_model`, default `model`), then fxq's default, calibrated on the same
+    batches: each int8 model, the engine to run it on (the one it was converted for) and quantize seconds."""
+    for quantize in (lambda: (quantize_native_fx(native_model or model, calibration), NATIVE_ENGINE),
+                     lambda: fxq_with_engine(model, calibration)):
+        start = time.perf_counter()
+        quantized, engine = quantize()
+        yield quantized, engine, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
@@ -79,12 +92,8 @@ def main() -> None:
         model, weights = build_float_model(name, batchnorm_crops)
         reference = logits(model, evaluation)
         row = [name, weights]
-        for quantize in (lambda: (quantize_native_fx(model, calibration), NATIVE_ENGINE),
-                         lambda: fxq_with_engine(model, calibration)):
-            start = time.perf_counter()
-            quantized, engine = quantize()
-            seconds = time.perf_counter() - start
-            with using_engine(engine):  # each int8 model runs on the engine it was converted for
+        for quantized, engine, seconds in quantized_side_by_side(model, calibration):
+            with using_engine(engine):
                 output = logits(quantized, evaluation)
             agreement = float((output.argmax(1) == reference.argmax(1)).float().mean())
             row += [round(sqnr_db(reference, output), 2), round(median_crop_sqnr_db(reference, output), 2),

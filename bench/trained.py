@@ -32,7 +32,6 @@ import functools
 import importlib.util
 import math
 import sys
-import time
 import types
 import warnings
 from typing import Callable
@@ -40,12 +39,11 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-import fxq
 from accuracy import sqnr_db
 from fxq.backend.engine import using_engine
 from fxq.report.latency import cpu_name, isa_limits
 from fxq.samples import mtcnn_crops
-from suite import NATIVE_ENGINE, quantize_native_fx
+from generalization import quantized_side_by_side
 
 warnings.filterwarnings("ignore")
 
@@ -166,12 +164,8 @@ def main() -> None:
         evaluation = inputs(256, 2)
         reference = run(model, evaluation)
         row = [name]
-        for quantize in (lambda: (quantize_native_fx(OneInput(model), calibration), NATIVE_ENGINE),
-                         lambda: _fxq(model, calibration)):
-            start = time.perf_counter()
-            quantized, engine = quantize()
-            seconds = time.perf_counter() - start
-            with using_engine(engine):  # each int8 model runs on the engine it was converted for
+        for quantized, engine, seconds in quantized_side_by_side(model, calibration, native_model=OneInput(model)):
+            with using_engine(engine):
                 outputs = run(quantized, evaluation)
             same = decision(outputs) == decision(reference)
             row += [round(sqnr_db(flat(reference), flat(outputs)), 2), f"{100 * float(same.float().mean()):.1f}%",
@@ -182,11 +176,6 @@ def main() -> None:
     headers = ["model", "native FX SQNR dB", "native FX agreement", "native FX quantize s",
                "fxq SQNR dB", "fxq agreement", "fxq quantize s"]
     print(tabulate(rows, headers, tablefmt="github" if args.markdown else "simple"))
-
-
-def _fxq(model: torch.nn.Module, calibration: list[torch.Tensor]) -> tuple[torch.nn.Module, str]:
-    quantized = fxq.quantize(model, (calibration[0][:1],), calibration_data=calibration)
-    return quantized, fxq.summary_of(quantized).engine
 
 
 if __name__ == "__main__":

@@ -362,13 +362,13 @@ def _custom_config(non_traceable: Iterable[str]) -> PrepareCustomConfig:
 def prepare_static(gm: fx.GraphModule, mapping: QConfigMapping, example_inputs: tuple,
                    choice: EngineChoice, non_traceable: Iterable[str] = ()) -> fx.GraphModule:
     """Insert observers (static PTQ) into an eval-mode traced model."""
-    shielded = float_shield.shield(gm, _float_module_names(mapping))
+    shielded = float_shield.shield(gm, _names_kept_float(mapping))
     with using_engine(choice.engine):
         return prepare_fx(gm, mapping, example_inputs,
                           prepare_custom_config=_custom_config([*non_traceable, *shielded]))
 
 
-def _float_module_names(mapping: QConfigMapping) -> list[str]:
+def _names_kept_float(mapping: QConfigMapping) -> list[str]:
     return [name for name, qconfig in mapping.module_name_qconfigs.items() if qconfig is None and name]
 
 
@@ -394,7 +394,7 @@ def prepare_qat(model: nn.Module, example_inputs: tuple, choice: EngineChoice,
     for name, module in model.named_modules():
         if name and key_covers(keep_float, name, module):
             mapping.set_module_name(name, None)
-    shielded = float_shield.shield(model, _float_module_names(mapping))
+    shielded = float_shield.shield(model, _names_kept_float(mapping))
     with using_engine(choice.engine):
         return prepare_qat_fx(model, mapping, example_inputs,
                               prepare_custom_config=_custom_config([*non_traceable, *shielded]))

@@ -49,7 +49,7 @@ def shield(model: nn.Module, float_names: Iterable[str]) -> list[str]:
 def unshield(model: nn.Module) -> nn.Module:
     """Put back the own class of every module `shield` disguised (after convert); returns `model`."""
     for module in model.modules():
-        original = getattr(type(module), "_fxq_shielded", None)
-        if original is not None and type(module) is _TWINS.get(original):
+        original = type(module).__dict__.get("_fxq_shielded")  # set on the twin itself, not inherited
+        if original is not None:
             module.__class__ = original
     return model
