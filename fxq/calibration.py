@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fxq.errors import CalibrationError, InputError
+from fxq.validate import run_example
 
 Batch = tuple[Any, ...]
 
@@ -114,3 +115,30 @@ def outputs(model: nn.Module, batches: Sequence[Batch]) -> list[Any]:
     """The model's outputs for each batch, without gradients."""
     with torch.no_grad():
         return [model(*batch) for batch in batches]
+
+
+def output_tensors(value: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (a tensor, or nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_quantized:
+            return [value.dequantize()]
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in output_tensors(item)]
+    return []
+
+
+def check_float_outputs(model: nn.Module, batches: Sequence[Batch]) -> None:
+    """Every calibration batch must run through the float model and give finite outputs."""
+    for index, batch in enumerate(batches):
+        try:
+            (output,) = outputs(model, [batch])
+        except Exception:  # rerun with hooks to name the module that rejects the batch
+            run_example(model, batch, what=f"calibration batch {index}")
+            raise
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in output_tensors(output)):
+            where = first_nonfinite_module(model, batch) or "the model's own forward"
+            raise CalibrationError(f"{where}: produces NaN or Inf on calibration batch {index}; fix the "
+                                   "model or the data (int8 ranges cannot be computed from non-finite values)")

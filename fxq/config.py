@@ -61,11 +61,9 @@ def key_covers(keys: Iterable[Any], name: str, module: Any = None) -> bool:
     return False
 
 
-def with_float(options: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    """`fxq.quantize` keyword arguments `options` with `names` kept float on top of the user's keep_float
-    (one name, one class or a sequence of them, normalized as QuantOptions does)."""
-    return dict(options, keep_float=QuantOptions(keep_float=options.get("keep_float", ())).keep_float
-                + tuple(names))
+def covered_modules(model: Any, keys: Iterable[Any]) -> list[str]:
+    """Names of the submodules of `model` that `keys` cover (see `key_covers`), the root left out."""
+    return [name for name, module in model.named_modules() if name and key_covers(keys, name, module)]
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class QuantOptions:
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True
     # Keep the fewest blocks in float that reach this end-to-end SQNR (accuracy-targeted mixed precision),
-    # measured on held-out calibration batches (fxq/recovery/mixed_precision.py). Blocks are ranked by
+    # measured on held-out calibration batches (fxq/mixed_precision.py). Blocks are ranked by
     # their layers' float and int8 times measured on this machine, so unlike the rest of quantize the
     # choice may differ between runs; each choice is verified against the target.
     target_sqnr_db: float | None = None
@@ -143,6 +141,30 @@ class QuantOptions:
 
     def replace(self, **changes: Any) -> "QuantOptions":
         return dataclasses.replace(self, **changes)
+
+    def with_float(self, names: Iterable[str]) -> "QuantOptions":
+        """These options with `names` kept float on top of the user's keep_float."""
+        return self.replace(keep_float=self.keep_float + tuple(names))
+
+    def scoped_to(self, prefix: str) -> "QuantOptions":
+        """These options for the submodule named `prefix`: keep_float and observer_overrides names made
+        relative to it, names outside it dropped (classes apply everywhere)."""
+        inside = prefix + "."
+
+        def relative(key: Any) -> Any:
+            return key[len(inside):] if isinstance(key, str) else key
+
+        def applies(key: Any) -> bool:
+            return not isinstance(key, str) or key.startswith(inside)
+
+        keep = tuple(relative(key) for key in self.keep_float if applies(key))
+        overrides = {relative(key): value for key, value in self.observer_overrides.items() if applies(key)}
+        return self.replace(keep_float=keep, observer_overrides=overrides)
+
+    @property
+    def searches_mixed_precision(self) -> bool:
+        """Whether a target (SQNR or the user's metric) asks for the mixed-precision search."""
+        return self.target_sqnr_db is not None or self.eval_fn is not None
 
     def describe(self) -> dict[str, Any]:
         """Plain-value view for reports and JSON."""

@@ -5,7 +5,8 @@ Inner code trusts what passes here. Every failure names the module or input at f
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -26,15 +27,52 @@ def check_model(model: Any) -> None:
                              "model.float() (fxq never converts your model in place)")
 
 
-def as_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalize example inputs to a tuple of positional arguments."""
+def keywords_as_args(model: nn.Module, keywords: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The positional arguments of `model.forward` that a batch given by name stands for.
+
+    Hugging Face users pass inputs as dicts ({"input_ids": ..., "attention_mask": ...}); fxq calls the
+    model and its parts positionally, so names become positions, and a parameter skipped before the
+    last named one takes its default.
+    """
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    names = [p.name for p in parameters]
+    unknown = [name for name in keywords if name not in names]
+    if unknown:
+        raise InputError(f"{type(model).__name__}.forward has no parameter {', '.join(map(repr, unknown))}; its "
+                         f"parameters are {', '.join(names)}")
+    last = max(names.index(name) for name in keywords)
+    args = []
+    for parameter in parameters[:last + 1]:
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            raise InputError(f"{type(model).__name__}.forward takes '{parameter.name}' only by keyword (or as *args); "
+                             "pass the inputs as a tuple in the order forward takes them")
+        if parameter.name in keywords:
+            args.append(keywords[parameter.name])
+        elif parameter.default is not parameter.empty:
+            args.append(parameter.default)
+        else:
+            raise InputError(f"{type(model).__name__}.forward needs '{parameter.name}', which the inputs do not name")
+    return tuple(args)
+
+
+def positional_batches(model: nn.Module, batches: Iterable[Any] | None) -> Iterator[Any] | None:
+    """`batches` with each dict batch given as `model.forward`'s positional arguments (lazily)."""
+    if batches is None or isinstance(batches, torch.Tensor):
+        return batches
+    return (keywords_as_args(model, batch) if isinstance(batch, Mapping) else batch for batch in batches)
+
+
+def as_example_inputs(example_inputs: Any, model: nn.Module | None = None) -> tuple[Any, ...]:
+    """Normalize example inputs to a tuple of positional arguments (a dict names `model.forward`'s)."""
+    if isinstance(example_inputs, Mapping) and model is not None and example_inputs:
+        example_inputs = keywords_as_args(model, example_inputs)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     elif isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
     if not isinstance(example_inputs, tuple) or not example_inputs:
-        raise InputError(f"example_inputs must be a Tensor or a non-empty tuple of positional inputs, got "
-                         f"{type(example_inputs).__name__}")
+        raise InputError(f"example_inputs must be a Tensor, a non-empty tuple of positional inputs or a dict of "
+                         f"named inputs, got {type(example_inputs).__name__}")
     for position, value in enumerate(example_inputs):
         if isinstance(value, torch.Tensor):
             if value.device.type != "cpu":

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxq
-from fxq.backend.engine import is_weighted_quantized_module
+from fxq.backend.op_kinds import is_weighted_quantized_module
 from helpers import differing_entries, photo_batches, small_mobilenet
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "qat_ddp.py"

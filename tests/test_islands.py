@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxq
-from fxq.backend import engine
+from fxq.backend import op_kinds
 from fxq.frontend import islands
 from fxq.frontend.trace import trace_model
 from fxq.report.latency import measure_latency
@@ -92,14 +92,14 @@ class Branchy(nn.Module):
 def test_min_cut_plan_is_the_cheapest_labelling(size):
     torch.manual_seed(0)
     gm, _ = trace_model(Branchy().eval())
-    plan = islands.find_float_islands(gm, (torch.randn(1, 3, size, size),), engine.quantizes_op, "x86")
+    plan = islands.find_float_islands(gm, (torch.randn(1, 3, size, size),), op_kinds.quantizes_op, "x86")
     recorder = islands._Recorder(gm)
     recorder.run(torch.randn(1, 3, size, size))
     tensors = [n for n in gm.graph.nodes if recorder.elements.get(n, 0) > 0
                and n.op in ("placeholder", "call_module", "call_function", "call_method")]
     costs = {}
     for node in tensors:
-        if node.op != "placeholder" and engine.quantizes_op(gm, node):
+        if node.op != "placeholder" and op_kinds.quantizes_op(gm, node):
             kind, units = islands.op_cost(gm, node, recorder, "x86")
             costs[node] = (kind, islands.COSTS[kind].float_time(units), islands.COSTS[kind].int8_time(units))
     assert 5 <= len(costs) <= 14
@@ -131,7 +131,7 @@ def test_slow_int8_kernel_is_left_float():
     summary = fxq.summary_of(planned)
     float_layers = dict(summary.float_layers)
     assert list(float_layers) == ["2"] and float_layers["2"].startswith("float island: int8 would cost")
-    assert engine.weighted_layers(planned).int8 == ["0", "4", "6"]
+    assert op_kinds.weighted_layers(planned).int8 == ["0", "4", "6"]
     estimate = summary.estimated_latency_us
     assert estimate["fxq"] < 0.5 * estimate["every op int8"], estimate
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_plan_is_deterministic():
     plans = []
     for _ in range(2):
         gm, _ = trace_model(copy.deepcopy(model))
-        plan = islands.find_float_islands(gm, (torch.ones(1, 3, 16, 16),), engine.quantizes_op, "x86")
+        plan = islands.find_float_islands(gm, (torch.ones(1, 3, 16, 16),), op_kinds.quantizes_op, "x86")
         plans.append((plan.float_nodes, plan.planned_us, [i.nodes for i in plan.islands]))
     assert plans[0] == plans[1]
 
@@ -189,18 +189,18 @@ def test_module_times_are_measured_per_module_inside_whole_passes():
 
 def test_measured_layer_times_replace_the_cost_table():
     """A layer measured slow in int8 goes float in the plan, whatever the table estimates; float_unit_costs
-    then prices each unit with the layers' times measured on this machine (mixed_precision)."""
+    then prices each unit with the layers' times measured on this machine (analysis.float_costs)."""
     torch.manual_seed(0)
     layers = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
     gm, _ = trace_model(layers.eval())
     inputs = (torch.randn(1, 3, 32, 32),)
-    table = islands.find_float_islands(gm, inputs, engine.quantizes_op, "x86")
+    table = islands.find_float_islands(gm, inputs, op_kinds.quantizes_op, "x86")
     assert not table.float_modules
-    slow = islands.find_float_islands(gm, inputs, engine.quantizes_op, "x86", measured_us={"2": (100.0, 5000.0)})
+    slow = islands.find_float_islands(gm, inputs, op_kinds.quantizes_op, "x86", measured_us={"2": (100.0, 5000.0)})
     assert slow.float_modules == ["2"]
     assert slow.planned_us < table.planned_us + 5000
 
-    from fxq.recovery.mixed_precision import float_unit_costs, measured_layer_times
+    from fxq.analysis.float_costs import float_unit_costs, measured_layer_times
 
     quantized = fxq.quantize(gm, inputs, calibration_data=[inputs], **FAST)
     measured = measured_layer_times(gm, quantized, inputs, fxq.summary_of(quantized).engine)

@@ -7,7 +7,7 @@ from torch import nn
 
 import fxq
 from fxq.backend.conv_add import is_conv_add
-from fxq.backend.engine import is_quantized_module
+from fxq.backend.op_kinds import is_quantized_module
 from helpers import sqnr
 
 

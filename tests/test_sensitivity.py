@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from fxq import samples
+from fxq import QuantOptions, quantize, samples
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
 from fxq.analysis.sensitivity import SensitivityReport, float_units, sensitivity
-from fxq.analysis.shadow import output_tensors
-from fxq.api import quantize
-from fxq.backend.engine import is_quantized_module, using_engine
+from fxq.calibration import output_tensors
+from fxq.backend.engine import using_engine
+from fxq.backend.op_kinds import is_quantized_module
 from fxq.errors import ConfigError, FxqError, InputError, MissingExtraError
 from fxq.summary import summary_of
 
@@ -296,7 +296,7 @@ class Mutating(nn.Module):
 
 @pytest.mark.parametrize("mode", ["lost", "shared"])
 def test_in_place_ops_are_analyzed_out_of_place_as_quantize_runs_them(mode):
-    """The float reference goes through fxq.quantize's own rewrite of in-place ops (api.trace_and_open_up),
+    """The float reference goes through fxq.quantize's own rewrite of in-place ops (fxq.pipeline.trace_float_graph),
     so the shadow runs see the model's function: an in-place add whose result FX would drop, and a ReLU_
     on a tensor that is also returned (both outputs are the clamped tensor, as in eager mode)."""
     torch.manual_seed(0)
@@ -307,17 +307,21 @@ def test_in_place_ops_are_analyzed_out_of_place_as_quantize_runs_them(mode):
     assert report.end_to_end_sqnr_db > 25.0
 
 
-def test_a_reference_that_changed_the_function_is_refused(photo_batches, monkeypatch):
-    import fxq.analysis.sensitivity as sensitivity_module
+def test_a_rewrite_that_changed_the_function_is_refused(photo_batches, monkeypatch):
+    """The pipeline checks each float-graph rewrite against the model's outputs: quantize and the
+    sensitivity analyzer (which measures against that graph) both refuse a broken one."""
+    import fxq.pipeline
 
     def broken_equalize(gm, batches):  # an equalization that forgets to compensate in the consumer
         gm.get_submodule("mid.0")[0].weight.data.mul_(2.0)
         return []
 
-    monkeypatch.setattr(sensitivity_module, "equalize", broken_equalize)
+    monkeypatch.setattr(fxq.pipeline, "equalize", broken_equalize)
     calibration, _ = photo_batches
-    with pytest.raises(FxqError, match="equalization changed the model's outputs"):
+    with pytest.raises(FxqError, match="after cross-layer equalization the float graph no longer computes"):
         sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, equalize=True)
+    with pytest.raises(FxqError, match="after cross-layer equalization the float graph no longer computes"):
+        fxq.quantize(planted_model(), calibration[0][:1], calibration_data=calibration)
 
 
 def test_error_stats_match_known_noise():
@@ -473,13 +477,13 @@ def two_resolutions_model() -> TwoResolutions:
 
 
 def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(photo_batches, monkeypatch):
-    from fxq.recovery import mixed_precision
+    from fxq.analysis import sensitivity as sensitivity_module
 
     # costs as timed on an Intel Xeon (VNNI), not on this machine: timed under load, narrow once came out
     # at -40 us and failed the test; timings belong in bench/ (bench/island_costs.py)
     timed = {"narrow": 44.0, "wide": 380.0}
-    table_costs = mixed_precision.float_unit_costs
-    monkeypatch.setattr(mixed_precision, "float_unit_costs", lambda *args, **kwargs: {
+    table_costs = sensitivity_module.float_unit_costs
+    monkeypatch.setattr(sensitivity_module, "float_unit_costs", lambda *args, **kwargs: {
         name: timed.get(name, cost) for name, cost in table_costs(*args, **kwargs).items()})
     calibration, evaluation = photo_batches
     report = sensitivity(two_resolutions_model(), calibration[0][:1], calibration_data=calibration,
@@ -503,7 +507,7 @@ def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(p
 
 
 def test_metric_target_keeps_the_planted_layer_float(photo_batches, planted_report):
-    from fxq.recovery.mixed_precision import quantize_to_metric
+    from fxq.mixed_precision import quantize_to_metric
 
     calibration, evaluation = photo_batches
     model = planted_model()
@@ -518,7 +522,7 @@ def test_metric_target_keeps_the_planted_layer_float(photo_batches, planted_repo
 
     max_drop = 10 ** (-(planted_report.end_to_end_sqnr_db + 10.0) / 10)
     quantized = quantize_to_metric(model, (calibration[0][:1],), [(b,) for b in calibration], negative_noise,
-                                   max_drop, PLANTED_OPTIONS)
+                                   max_drop, QuantOptions(**PLANTED_OPTIONS))
     assert -negative_noise(quantized) <= max_drop
     summary = summary_of(quantized)
     kept = [name for name, why in summary.float_layers if "eval_fn" in why]
@@ -526,7 +530,7 @@ def test_metric_target_keeps_the_planted_layer_float(photo_batches, planted_repo
     assert any(note.startswith("eval_fn: float ") and "1 block(s)" in note for note in summary.notes), summary.notes
     with pytest.raises(ConfigError, match="max_drop"):  # only the user's own float model scores well
         quantize_to_metric(model, (calibration[0][:1],), [(b,) for b in calibration],
-                           lambda m: 0.0 if isinstance(m, Planted) else -1.0, 0.5, {"equalize": False})
+                           lambda m: 0.0 if isinstance(m, Planted) else -1.0, 0.5, QuantOptions(equalize=False))
 
 
 def test_quantize_with_eval_fn_and_max_drop(photo_batches):
@@ -550,7 +554,7 @@ def test_quantize_with_eval_fn_and_max_drop(photo_batches):
 
 
 def test_held_out_split_keeps_the_last_quarter_for_verification():
-    from fxq.recovery.mixed_precision import held_out_split
+    from fxq.mixed_precision import held_out_split
 
     batches = [(torch.full((1,), float(index)),) for index in range(8)]
     fit, held_out = held_out_split(batches)

@@ -22,7 +22,7 @@ SCRIPT = r"""
 import json, warnings
 import torch
 warnings.filterwarnings("ignore")
-import fxq, fxq.api
+import fxq, fxq.backend.weight_bits
 from fxq.samples import pretrained_mobilenet_v2, random_crops
 from tests.helpers import small_mobilenet, sqnr
 
@@ -34,7 +34,7 @@ with torch.no_grad():
 measured = fxq.quantize(model, calibration[0][:1], calibration_data=calibration)
 # the weight bits' own effect, without the weight refit that also absorbs much of a 7-bit grid's error
 unrefit = fxq.quantize(model, calibration[0][:1], calibration_data=calibration, optimize_rounding=False)
-fxq.api.measure_weight_bits = lambda *args, **kwargs: []  # every layer on the 7-bit grid
+fxq.backend.weight_bits.measure_weight_bits = lambda *args, **kwargs: []  # every layer on the 7-bit grid
 seven_bit = fxq.quantize(model, calibration[0][:1], calibration_data=calibration, optimize_rounding=False)
 summary = fxq.summary_of(measured)
 torch.backends.quantized.engine = summary.engine

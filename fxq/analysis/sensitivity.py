@@ -13,7 +13,6 @@ of the reference: they change the float function on purpose, and their effect is
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import io
@@ -28,18 +27,17 @@ import torch
 from torch import fx, nn
 
 from fxq.analysis.metrics import ErrorStats, channel_range_ratio, sqnr_db
-from fxq.analysis.shadow import LayerErrors, LayerPair, is_float_input, output_tensors, pair_layers, \
-    remove_inplace_ops, run_side_by_side
-from fxq.api import quantize, trace_and_open_up
-from fxq.backend.engine import WeightGrid, is_weighted_quantized_module, using_engine, weight_qparams
-from fxq.calibration import Batch, materialize
-from fxq.config import Mode, QuantOptions, with_float
+from fxq.analysis.float_costs import float_unit_costs
+from fxq.analysis.shadow import LayerErrors, LayerPair, is_float_input, pair_layers, run_side_by_side
+from fxq.backend.engine import using_engine
+from fxq.backend.op_kinds import is_weighted_quantized_module
+from fxq.calibration import Batch, materialize, output_tensors
+from fxq.config import Mode, QuantOptions
 from fxq.errors import ConfigError, FxqError, InputError, TraceError
-from fxq.frontend.patterns import find_patterns
-from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations, unwrap
-from fxq.recovery.equalization import equalize
+from fxq.frontend.rewrite import unwrap
+from fxq.pipeline import quantize_model
 from fxq.summary import summary_of
-from fxq.validate import as_example_inputs, check_model, run_example
+from fxq.validate import as_example_inputs, check_model, positional_batches
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ class _Inputs:
     example_inputs: Batch
     calibration_batches: list[Batch]
     eval_batches: list[Batch]
-    quantize_options: dict[str, Any]
+    options: QuantOptions
     reference_outputs: list[list[torch.Tensor]]
     float_graph: fx.GraphModule  # the float reference, for the latency cost model of float units
     engine: str
@@ -147,14 +145,11 @@ class SensitivityReport:
             measured = [layer for layer in self.layers if layer.solo_sqnr_db is not None]
             cost_us = None
             if self._inputs is not None:
-                from fxq.recovery.mixed_precision import float_unit_costs
-
                 inputs = self._inputs
-                keep_float = QuantOptions(keep_float=inputs.quantize_options.get("keep_float", ())).keep_float
                 names = [unit.name for unit in float_units(measured)]
                 start = time.perf_counter()
                 cost_us = float_unit_costs(inputs.float_graph, inputs.example_inputs, names, inputs.engine,
-                                           keep_float, int8_model=self.quantized)
+                                           inputs.options.keep_float, int8_model=self.quantized)
                 self.timings_s["unit_costs"] = round(time.perf_counter() - start, 3)
             self._units = float_units(measured, cost_us)
         return self._units
@@ -310,8 +305,8 @@ class SensitivityReport:
 
     def _measure_with_float(self, names: list[str]) -> tuple[nn.Module, float]:
         inputs = self._inputs
-        model = quantize(inputs.model, inputs.example_inputs, calibration_data=inputs.calibration_batches,
-                         **with_float(inputs.quantize_options, names))
+        model = quantize_model(inputs.model, inputs.example_inputs, inputs.calibration_batches,
+                               inputs.options.with_float(names)).model
         stats = ErrorStats()
         with using_engine(summary_of(model).engine), torch.no_grad():
             for batch, references in zip(inputs.eval_batches, inputs.reference_outputs):
@@ -413,56 +408,6 @@ def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-# --- building the float reference ------------------------------------------------------------------
-
-# The reference differs from the model by float rounding only (equalization rescales channels): >100 dB.
-MIN_REFERENCE_SQNR_DB = 60.0
-
-def float_reference(model: nn.Module, example_inputs: Batch, calibration_batches: Sequence[Batch],
-                    options: QuantOptions) -> tuple[fx.GraphModule, dict[str, str]]:
-    """The float graph `fxq.quantize` quantizes (traced, folded, fused, equalized) and its fused patterns.
-
-    This mirrors the float steps of fxq.api._quantize_static in the same order, and repeats the
-    equalization pass (it is deterministic given the calibration batches). Returned by fxq.api itself, it
-    would come for free and could not drift; `_check_reference` catches drift meanwhile. Each step must
-    keep the model's function: checked on the example inputs, since every number measured later is
-    relative to this graph.
-    """
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(options.seed)
-        work = copy.deepcopy(model).eval()
-        expected = output_tensors(run_example(work, example_inputs))
-        gm, _leaves, _rewrites = trace_and_open_up(work, example_inputs)
-        patterns = {found.nodes[0]: found.pattern for found in find_patterns(gm)}
-        fold_batchnorm(gm)
-        fuse_clamping_activations(gm)
-        _check_function(expected, gm, example_inputs, TraceError(
-            f"{type(model).__name__}: the traced float graph (BatchNorm folded, clamps fused) does not compute "
-            "the model's outputs on the example inputs ({agreement}); an op was lost or changed in tracing, "
-            "e.g. an in-place method whose result is unused (x.add_(y)), which FX drops: write x = x + y"))
-        if options.equalize:
-            equalize(gm, calibration_batches)
-            _check_function(expected, gm, example_inputs, FxqError(
-                f"{type(model).__name__}: cross-layer equalization changed the model's outputs on the example "
-                "inputs ({agreement}); it should only rescale channels. Pass equalize=False, and please report "
-                "the model to fxq"))
-    return gm, patterns
-
-
-def _check_function(expected: list[torch.Tensor], gm: fx.GraphModule, example_inputs: Batch,
-                    error: FxqError) -> None:
-    """Raise `error` (its message's {agreement} filled in) unless `gm` reproduces the expected outputs."""
-    actual = output_tensors(gm(*example_inputs))
-    stats = ErrorStats()
-    if len(expected) == len(actual) and all(e.shape == a.shape for e, a in zip(expected, actual)):
-        for e, a in zip(expected, actual):
-            stats.update(e, a)
-        if stats.sqnr_db >= MIN_REFERENCE_SQNR_DB:
-            return
-    agreement = f"SQNR {_db(stats.sqnr_db)} dB" if stats.count else "outputs of other shapes"
-    raise type(error)(str(error).replace("{agreement}", agreement))
-
-
 def _float_weight(pair: LayerPair) -> torch.Tensor | None:
     layer, _clamp = unwrap(pair.float_module)
     return layer.weight.detach() if layer is not None else None
@@ -470,31 +415,6 @@ def _float_weight(pair: LayerPair) -> torch.Tensor | None:
 
 def _int8_weight(pair: LayerPair) -> torch.Tensor | None:
     return pair.int8_module.weight() if is_weighted_quantized_module(pair.int8_module) else None
-
-
-def _check_reference(pairs: Sequence[LayerPair], grid: WeightGrid) -> None:
-    """Each int8 weight must sit on the grid the engine derives from the reference's float weight.
-
-    The grid (per-channel scale) is a function of the float weight alone, so a reference that did not go
-    through the same rewrites and equalization as the int8 model shows up here as a different scale.
-    """
-    for pair in pairs:
-        float_weight, int8_weight = _float_weight(pair), _int8_weight(pair)
-        if float_weight is None or int8_weight is None:
-            continue
-        if float_weight.shape != int8_weight.shape:
-            raise FxqError(f"{pair.name}: float reference weight {tuple(float_weight.shape)} does not match the "
-                           f"int8 weight {tuple(int8_weight.shape)}; fxq.analysis.sensitivity.float_reference "
-                           "no longer mirrors fxq.quantize's pipeline")
-        expected, _, _ = weight_qparams(float_weight, grid.of(pair.name))
-        if int8_weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            actual = int8_weight.q_per_channel_scales().float()
-        else:
-            actual = torch.tensor(float(int8_weight.q_scale()))
-        if not torch.allclose(actual.reshape(expected.shape), expected, rtol=1e-4, atol=0):
-            raise FxqError(f"{pair.name}: the int8 weight grid differs from the one of the float reference's "
-                           "weight; fxq.analysis.sensitivity.float_reference no longer mirrors fxq.quantize's "
-                           "float steps (a new pass changes weights before prepare?)")
 
 
 # --- the entry point -------------------------------------------------------------------------------
@@ -541,55 +461,56 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
                 eval_data: Iterable[Any] | None = None, **quantize_options: Any) -> SensitivityReport:
     """Measure how much int8 quantization costs at every quantized layer of `model`.
 
-    The model is quantized with `fxq.quantize(model, example_inputs, calibration_data=...,
-    **quantize_options)`; over `eval_data` (default: the calibration data) each layer gets its accumulated
-    SQNR (int8 model vs float model at that point), own SQNR (the int8 layer alone, on the float input) and
-    solo SQNR (the model's output when only that layer is int8), with error, weight and range statistics.
-    End-to-end SQNRs are over all the model's floating-point outputs together. With `target_sqnr_db`, the
-    report also carries `recommend(target_sqnr_db)`'s verified choice.
+    The model is quantized as `fxq.quantize(model, example_inputs, calibration_data=...,
+    **quantize_options)` quantizes it; over `eval_data` (default: the calibration data) each layer gets its
+    accumulated SQNR (int8 model vs float model at that point), own SQNR (the int8 layer alone, on the
+    float input) and solo SQNR (the model's output when only that layer is int8), with error, weight and
+    range statistics. End-to-end SQNRs are over all the model's floating-point outputs together. With
+    `target_sqnr_db`, the report also carries `recommend(target_sqnr_db)`'s verified choice.
     """
     options = QuantOptions.from_kwargs(**quantize_options)
-    target_sqnr_db = quantize_options.pop("target_sqnr_db", None)  # analyse the all-int8 model, then recommend
     if options.mode is not Mode.STATIC:
         raise ConfigError(f"fxq.sensitivity analyses static int8 quantization; mode={options.mode.value!r} is "
                           "not supported (drop the mode option)")
     check_model(model)
-    example_inputs = as_example_inputs(example_inputs)
-    calibration_batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
-    eval_batches = calibration_batches if eval_data is None else _eval_batches(eval_data, example_inputs)
+    example_inputs = as_example_inputs(example_inputs, model)
+    calibration_batches = materialize(positional_batches(model, calibration_data), example_inputs,
+                                      options.max_calibration_batches)
+    eval_batches = calibration_batches if eval_data is None else \
+        _eval_batches(positional_batches(model, eval_data), example_inputs)
+    report = analyze(model, example_inputs, calibration_batches, eval_batches,
+                     options.replace(target_sqnr_db=None))  # analyse the all-int8 model, then recommend
+    if options.target_sqnr_db is not None:
+        start = time.perf_counter()
+        report.recommend(options.target_sqnr_db)
+        report.timings_s["recommend"] = round(time.perf_counter() - start, 3)
+    return report
+
+
+def analyze(model: nn.Module, example_inputs: Batch, calibration_batches: list[Batch], eval_batches: list[Batch],
+            options: QuantOptions) -> SensitivityReport:
+    """`sensitivity` on validated inputs: quantize through the pipeline, keeping the float graph it
+    quantized as the reference, and run the two side by side on `eval_batches`."""
     timings: dict[str, float] = {}
-
     start = time.perf_counter()
-    quantized = quantize(model, example_inputs, calibration_data=calibration_batches, **quantize_options)
+    run = quantize_model(model, example_inputs, calibration_batches, options, keep_float_graph=True)
     timings["quantize"] = round(time.perf_counter() - start, 3)
-    summary = summary_of(quantized)
-
-    start = time.perf_counter()
-    reference, patterns = float_reference(model, example_inputs, calibration_batches, options)
-    unsafe = remove_inplace_ops(reference)
-    if unsafe:
-        raise InputError(f"{', '.join(unsafe)}: in-place op(s) overwrite a tensor that other ops also read; "
-                         "fxq.sensitivity reuses cached float values and cannot run them. Write them out of "
-                         "place (y = x.relu() instead of x.relu_(), ReLU(inplace=False))")
+    quantized, summary = run.model, summary_of(run.model)
+    if run.float_graph is None:
+        raise TraceError(f"{type(model).__name__}: its forward does not trace, so it was quantized region by region "
+                         f"({'; '.join(summary.notes)[:200]}); fxq.sensitivity needs one traced graph. Analyse a "
+                         "traceable submodule instead")
+    reference = run.float_graph.traced.graph
+    patterns = {found.nodes[0]: found.pattern for found in run.float_graph.traced.patterns}
     pairs = pair_layers(reference, quantized)
-    _check_reference(pairs, WeightGrid(options.per_channel_weights, summary.seven_bit_weights,
-                                       {name: frozenset(rows) for name, rows in
-                                        summary.eight_bit_weight_channels.items()}))
-    timings["float_reference"] = round(time.perf_counter() - start, 3)
-
     shadow = run_side_by_side(reference, quantized, pairs, eval_batches, summary.engine,
                               progress=options.progress)
     timings.update(shadow.seconds)
     rows = [_row(pair, index, shadow.layers[pair.name], patterns.get(pair.name)) for index, pair in enumerate(pairs)]
-    inputs = _Inputs(model, example_inputs, calibration_batches, eval_batches, dict(quantize_options),
+    inputs = _Inputs(model, example_inputs, calibration_batches, eval_batches, options,
                      shadow.reference_outputs, reference, summary.engine)
-    report = SensitivityReport(_rank(rows), shadow.end_to_end.sqnr_db, summary.engine, summary.options,
-                               len(eval_batches), timings, quantized, inputs)
-    if target_sqnr_db is not None:
-        start = time.perf_counter()
-        report.recommend(target_sqnr_db)
-        timings["recommend"] = round(time.perf_counter() - start, 3)
-    return report
+    return SensitivityReport(_rank(rows), shadow.end_to_end.sqnr_db, summary.engine, summary.options,
+                             len(eval_batches), timings, quantized, inputs)
 
 
-__all__ = ["sensitivity", "SensitivityReport", "LayerSensitivity", "Recommendation", "float_reference"]
+__all__ = ["sensitivity", "analyze", "SensitivityReport", "LayerSensitivity", "Recommendation"]

@@ -16,19 +16,18 @@ Forward hooks capture activations, so the int8 model is run exactly as `fxq.quan
 
 from __future__ import annotations
 
-import operator
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxq.analysis.metrics import ActivationStats, ErrorStats
 from fxq.backend.conv_add import is_conv_add
-from fxq.backend.engine import is_dynamic_quantized_module, is_quantized_module, using_engine
-from fxq.calibration import Batch
+from fxq.backend.engine import using_engine
+from fxq.backend.op_kinds import is_dynamic_quantized_module, is_quantized_module
+from fxq.calibration import Batch, output_tensors
 
 
 @dataclass(frozen=True)
@@ -90,68 +89,6 @@ def pair_layers(float_gm: fx.GraphModule, quantized: fx.GraphModule) -> list[Lay
             pairs[str(node.target)] = LayerPair(str(node.target), type(module).__name__,
                                                 float_modules[str(node.target)], module)
     return list(pairs.values())
-
-
-# In-place ops would overwrite values the solo runs reuse; their out-of-place twins take the same arguments.
-_OUT_OF_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub,
-                           operator.imul: operator.mul, operator.itruediv: operator.truediv,
-                           torch.relu_: torch.relu, F.relu_: F.relu, torch.sigmoid_: torch.sigmoid,
-                           torch.tanh_: torch.tanh, F.hardtanh_: F.hardtanh, F.leaky_relu_: F.leaky_relu}
-_OUT_OF_PLACE_METHODS = {name + "_": name for name in (
-    "add", "sub", "mul", "div", "relu", "clamp", "clip", "clamp_min", "clamp_max", "sigmoid", "tanh", "neg",
-    "abs", "pow", "exp", "sqrt", "masked_fill")}
-
-
-def _only_reader(node: fx.Node) -> bool:
-    """True when the tensor an in-place op overwrites (its first input) is read by nothing else."""
-    first = node.args[0] if node.args else None
-    return isinstance(first, fx.Node) and len(first.users) == 1
-
-
-def remove_inplace_ops(gm: fx.GraphModule) -> list[str]:
-    """Make in-place ops out of place where that keeps the function: the overwritten tensor has no other reader.
-
-    Returns the in-place ops that could not be changed (their input is read elsewhere too), by node name.
-    """
-    modules = dict(gm.named_modules())
-    module_calls: dict[str, list[fx.Node]] = {}
-    unsafe = []
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and getattr(modules[str(node.target)], "inplace", False) is True:
-            module_calls.setdefault(str(node.target), []).append(node)
-        elif node.op == "call_function" and (node.target in _OUT_OF_PLACE_FUNCTIONS
-                                             or node.kwargs.get("inplace") is True):
-            if not _only_reader(node):
-                unsafe.append(node.name)
-            elif node.kwargs.get("inplace") is True:
-                node.kwargs = {**node.kwargs, "inplace": False}
-            else:
-                node.target = _OUT_OF_PLACE_FUNCTIONS[node.target]
-        elif node.op == "call_method" and node.target in _OUT_OF_PLACE_METHODS:
-            if _only_reader(node):
-                node.target = _OUT_OF_PLACE_METHODS[node.target]
-            else:
-                unsafe.append(node.name)
-    for name, nodes in module_calls.items():
-        if all(_only_reader(node) for node in nodes):
-            modules[name].inplace = False
-        else:
-            unsafe.extend(node.name for node in nodes if not _only_reader(node))
-    gm.recompile()
-    return unsafe
-
-
-def output_tensors(value: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (a tensor, or nested tuples, lists and dicts)."""
-    if isinstance(value, torch.Tensor):
-        if value.is_quantized:
-            return [value.dequantize()]
-        return [value] if value.is_floating_point() else []
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in output_tensors(item)]
-    return []
 
 
 def _as_float(value: torch.Tensor) -> torch.Tensor:
@@ -233,7 +170,7 @@ def run_side_by_side(float_gm: fx.GraphModule, quantized: fx.GraphModule, pairs:
                      progress: bool = False) -> ShadowResult:
     """Accumulated, own and solo errors of every layer in `pairs` over `batches`.
 
-    `float_gm` must be free of in-place ops (`remove_inplace_ops`): its node values are reused.
+    `float_gm` must be free of in-place ops (the pipeline makes them out of place): its node values are reused.
     """
     layers = {pair.name: LayerErrors() for pair in pairs}
     end_to_end = ErrorStats()

@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from fxq.backend.op_kinds import is_shape_op
 from fxq.frontend.graph import only_user, replace_module
 
 # Engines whose int8 conv2d_add kernel exists (fbgemm and x86 would run a packed weight they cannot add to).
@@ -63,8 +64,6 @@ def _residual_can_be_overwritten(gm: fx.GraphModule, other: fx.Node, add: fx.Nod
     post-op accumulates in place; measured: a ResNet block's skip tensor came back holding the block's
     output, on the output's scale). It may when nothing reads the residual after the add and it is a
     tensor of its own: not a graph input, a constant, or a view of a tensor others read."""
-    from fxq.backend.engine import is_shape_op
-
     if other.op not in ("call_module", "call_function", "call_method") or is_shape_op(gm, other):
         return False
     return not _read_after(other, add, order)

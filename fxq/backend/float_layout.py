@@ -24,7 +24,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from fxq.frontend.rewrite import fused_clamp_class, unwrap
+from fxq.backend.op_kinds import fused_clamp_class
+from fxq.frontend.rewrite import unwrap
 
 
 def _float_conv2d(module: nn.Module) -> nn.Conv2d | None:

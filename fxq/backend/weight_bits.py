@@ -26,6 +26,7 @@ layers (18 expansion convs and the first conv on 7 bits); crops 1/2 went from 20
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -198,3 +199,21 @@ def _per_channel(error: torch.Tensor, channel_dim: int) -> torch.Tensor:
     """Sum of an error over everything but the output channel dimension (1 for convs, -1 for linears)."""
     channel_dim %= error.dim()
     return error.sum([dim for dim in range(error.dim()) if dim != channel_dim])
+
+
+def measured_weight_grid(prepared: fx.GraphModule, grid: WeightGrid, choice: EngineChoice, batch: Batch,
+                         conv_adds: tuple[str, ...]) -> tuple[WeightGrid, EngineChoice]:
+    """On a saturating kernel, give 8-bit weights back to the output channels measured not to overflow
+    (with per-tensor weights, to the layers where every channel can), in `prepared` too; the engine
+    choice's reason says how many."""
+    measured = measure_weight_bits(prepared, choice, grid, batch, conv_adds)
+    kept = {m.name: m.eight_bit_channels for m in measured}
+    if not grid.per_channel:
+        kept = {m.name: kept[m.name] for m in measured if len(kept[m.name]) == m.channels}
+    grid = dataclasses.replace(grid, eight_bit_channels={name: rows for name, rows in kept.items() if rows})
+    with_weight_grid(prepared, grid)
+    channels = sum(m.channels for m in measured)
+    whole = sum(1 for m in measured if len(kept.get(m.name, ())) == m.channels)
+    reason = f"{choice.reason}; measured not to overflow, {sum(map(len, kept.values()))} of {channels} output " \
+             f"channels keep 8-bit weights ({whole} of {len(measured)} layers entirely)"
+    return grid, dataclasses.replace(choice, reason=reason)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Iterator
+from typing import Any
 
 from torch import fx, nn
 
@@ -30,14 +30,6 @@ def replace_module(gm: fx.GraphModule, qualified_name: str, new_module: nn.Modul
     parent_name, _, child_name = qualified_name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, child_name, new_module)
-
-
-def module_nodes(gm: fx.GraphModule, types: type | tuple[type, ...]) -> Iterator[tuple[fx.Node, nn.Module]]:
-    """(node, module) for every call_module node whose module is an instance of `types`."""
-    for node in gm.graph.nodes:
-        module = get_module(gm, node)
-        if module is not None and isinstance(module, types):
-            yield node, module
 
 
 def outline(gm: fx.GraphModule, nodes: list[fx.Node], prefix: str,

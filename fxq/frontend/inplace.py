@@ -25,6 +25,9 @@ from torch import fx, nn
 
 from fxq.errors import TraceError
 
+__all__ = ["InplaceRewrite", "remove_inplace_ops", "describe_rewrites", "state_versions", "check_state_kept",
+           "OUT_OF_PLACE_FUNCTIONS"]
+
 # in-place function -> out-of-place twin (same arguments)
 OUT_OF_PLACE_FUNCTIONS = {
     operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
@@ -204,6 +207,16 @@ def remove_inplace_ops(gm: fx.GraphModule) -> list[InplaceRewrite]:
     return rewrites
 
 
+def describe_rewrites(rewrites: list[InplaceRewrite]) -> list[str]:
+    """One line per in-place op whose later readers were rewired; the plain ones (ReLU(inplace=True) on a
+    tensor nothing else reads) counted on one line."""
+    lines = [f"out_of_place: {r.node} ({r.op}; {r.rewired_readers} later reader(s) now read its result)"
+             for r in rewrites if r.rewired_readers]
+    plain = [r.node for r in rewrites if not r.rewired_readers]
+    if plain:
+        lines.append(f"out_of_place: {len(plain)} in-place op(s) with no later reader "
+                     f"({', '.join(plain[:3])}{', ...' if len(plain) > 3 else ''})")
+    return lines
 
 
 def state_versions(model: nn.Module) -> dict[str, int]:
@@ -224,6 +237,3 @@ def check_state_kept(model: nn.Module, before: dict[str, int]) -> None:
                          f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; torch.fx runs such a "
                          "write once while tracing and the int8 model would never repeat it. Move the update out "
                          "of forward (or return the new value instead of storing it)")
-
-
-__all__ = ["InplaceRewrite", "remove_inplace_ops", "state_versions", "check_state_kept", "OUT_OF_PLACE_FUNCTIONS"]

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxq.config import key_covers
 from fxq.frontend.graph import get_module, outline
 
 
@@ -294,8 +295,7 @@ def find_float_islands(gm: fx.GraphModule, example_inputs: tuple[Any, ...], quan
     fixed_float = tuple(float_modules)
 
     def forced_float(node: fx.Node) -> bool:
-        if node.op == "call_module" and any(str(node.target) == name or str(node.target).startswith(name + ".")
-                                            for name in fixed_float):
+        if node.op == "call_module" and key_covers(fixed_float, str(node.target)):
             return True
         return not quantizable(gm, node)
 

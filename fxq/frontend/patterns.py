@@ -118,10 +118,3 @@ def _match_chain(gm: fx.GraphModule, start: fx.Node, matchers: tuple[Matcher, ..
             return None
         chain.append(nxt)
     return chain
-
-
-def count_patterns(found: list[FoundPattern]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in found:
-        counts[item.pattern] = counts.get(item.pattern, 0) + 1
-    return counts

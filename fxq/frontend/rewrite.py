@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from fxq.backend.op_kinds import fused_clamp_class
 from fxq.frontend.graph import get_module, replace_module, single_user
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -133,15 +134,6 @@ def unwrap(module: nn.Module | None) -> tuple[nn.Module | None, Clamp | None]:
     return None, None
 
 
-def fused_clamp_class(layer: nn.Module) -> type[nn.Module] | None:
-    """The float container that holds `layer` and the Clamp fused after it, or None if it cannot fuse."""
-    import torch.ao.nn.intrinsic as nni  # fused float containers; the engine lowers them to int8 kernels
-
-    table = {nn.Conv1d: nni.ConvReLU1d, nn.Conv2d: nni.ConvReLU2d, nn.Conv3d: nni.ConvReLU3d,
-             nn.Linear: nni.LinearReLU}
-    return table.get(type(layer))
-
-
 def fuse_clamping_activations(gm: fx.GraphModule) -> list[Rewrite]:
     """Fuse conv/linear followed by a zero-floored clamp (ReLU, ReLU6, hardtanh(0, x), clamp(0, x)).
 
@@ -180,5 +172,4 @@ def _recompile(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-__all__ = ["Rewrite", "fold_batchnorm", "fuse_clamping_activations", "clamp_bounds", "Clamp", "WEIGHTED", "unwrap",
-           "fused_clamp_class"]
+__all__ = ["Rewrite", "fold_batchnorm", "fuse_clamping_activations", "clamp_bounds", "Clamp", "WEIGHTED", "unwrap"]

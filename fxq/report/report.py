@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from fxq.backend.engine import weighted_layers
+from fxq.backend.op_kinds import weighted_layers
 from fxq.calibration import as_args
 from fxq.report.latency import LatencyRow, measure_latency
 from fxq.summary import summary_of

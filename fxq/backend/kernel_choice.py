@@ -1,25 +1,15 @@
 """Pick the int8 kernel library by measuring it on the model, not by CPU flags.
 
-The same int8 model (same scales, same int8 weights) is not computed the same way by every engine: on
-this project's reference machine, ImageNet MobileNetV2 converted for `fbgemm` gave 2.3 dB logits SQNR,
-for `x86` 11.0 dB, and for `onednn` and `qnnpack` 13.9 dB, the last two within 0.1 dB of the float
-simulation of the same quantization (the `fbgemm` path departs from it at the first 56x56 depthwise
-conv). So with `backend="auto"` the model is converted for each candidate engine, run on one
-calibration batch next to the float simulation (torch.ao's reference model), and the most faithful
-engine is kept; the numbers go into the summary.
-
-Those figures were taken with 8-bit weights and 7-bit activations. On a saturating kernel weights are
-now 7-bit and activations 8-bit (backend.engine.select_engine), and on an AMD EPYC (AVX2) x86 and
-onednn then agree with the simulation equally (21.2 dB on a calibration batch); with 8-bit weights and
-activations they gave 2.2 and 7.9 dB. The output channels that keep 8-bit weights on such a kernel
-(backend.weight_bits) are measured on the first candidate engine only; the comparison stays: it is what
-catches a kernel that departs.
+The same int8 model (same scales, same int8 weights) is not computed the same way by every engine: one
+engine's depthwise or saturating kernels can depart from the float simulation of the quantization by
+several dB where another follows it. So with `backend="auto"` the model is converted for each candidate
+engine, run on one calibration batch next to the float simulation (torch.ao's reference model), and
+the most faithful engine is kept; the numbers go into the summary (measurements: docs/design/engines.md).
 
 onednn comes first since it runs a conv and the residual add that reads it as one kernel
-(backend.conv_add), which x86 cannot: the simulation the recovery passes correct leaves those conv
-outputs unrounded, so x86 is measured against a simulation it can only approximate, and is kept only
-when onednn departs from it by more than TOLERANCE_DB more than x86 does. In a model where no conv
-feeds a residual add, x86 comes first instead (`engine_for_graph`): nothing to fuse, faster linear layers.
+(backend.conv_add), which x86 cannot: x86 is kept only when onednn departs from the simulation by more
+than TOLERANCE_DB more than x86 does. In a model where no conv feeds a residual add, x86 comes first
+instead (`engine_for_graph`): nothing to fuse, faster linear layers.
 """
 
 from __future__ import annotations
@@ -32,9 +22,8 @@ from typing import Sequence
 from torch import fx, nn
 
 from fxq.analysis.metrics import ErrorStats
-from fxq.analysis.shadow import output_tensors
 from fxq.backend import engine
-from fxq.calibration import Batch
+from fxq.calibration import Batch, output_tensors
 from fxq.config import Backend, QuantOptions
 
 # Preference order among equally faithful engines: onednn fuses residual adds into convs
@@ -57,10 +46,8 @@ def engine_for_graph(choice: engine.EngineChoice, options: QuantOptions, has_con
 
     onednn comes first for its conv+add kernel (see the module docstring); without such a pair it has
     nothing to fuse, and x86 (PyTorch's default, fbgemm for linear layers) ran the same int8 models as
-    fast or faster: at batch 1 under the AVX2 caps (Intel Xeon, 2 threads; bench/coverage.py --options
-    '{"backend": ...}'), VGG-11-BN 0.44 of float against 0.58, ViT-B/16 0.66 against 0.77, ConvNeXt-T
-    0.81 against 0.91, Swin-T 0.90 against 0.97, and GoogLeNet, DenseNet-121, Inception-v3 and
-    SqueezeNet within 3%, at the same SQNR. Kept when the two engines would need different weight grids.
+    fast or faster at the same SQNR (docs/design/engines.md). Kept when the two engines would need
+    different weight grids.
     """
     if (options.backend is not Backend.AUTO or choice.engine != "onednn" or has_conv_adds
             or "x86" not in candidate_engines(options, choice)

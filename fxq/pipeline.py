@@ -1,0 +1,368 @@
+"""The one float-model -> int8-model pipeline: `fxq.quantize`, `fxq.sensitivity`, the mixed-precision
+search and bench/ all run it, so what they measure is what users get.
+
+    trace_float_graph   copy in eval mode, trace, open up (attention, in-place ops, eval identities), patterns
+    build_float_graph   fold BatchNorm, fuse clamps, pick the engine for the graph, equalize (each checked
+                        against the float model's outputs)
+    quantize_model      ... then plan float islands, prepare, calibrate, measure weight bits, round, correct
+                        on the float simulation, convert on the most faithful engine, finish
+
+A model whose own forward does not trace goes through `fxq.regions` (its traceable submodules, each
+through this pipeline). The user's model is never touched: every step works on a deep copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import fx, nn
+
+from fxq import regions
+from fxq.analysis.metrics import ErrorStats
+from fxq.backend import engine
+from fxq.backend.conv_add import fusable_convs, fused_layers
+from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
+from fxq.backend.float_outputs import dynamic_output_linears
+from fxq.backend.kernel_choice import convert_on_most_faithful_engine, engine_for_graph
+from fxq.backend.op_kinds import count_conversions, quantizes_op, weighted_layers
+from fxq.backend.weight_bits import measured_weight_grid
+from fxq.calibration import Batch, check_float_outputs, materialize, output_tensors, run_batches
+from fxq.config import Mode, QuantOptions, covered_modules
+from fxq.errors import FxqError, TraceError
+from fxq.frontend.decompose import decompose_attention, may_decompose
+from fxq.frontend.graph import restore_output_type
+from fxq.frontend.identities import remove_eval_identities
+from fxq.frontend.inplace import check_state_kept, describe_rewrites, remove_inplace_ops, state_versions
+from fxq.frontend.islands import find_float_islands, keep_islands_float
+from fxq.frontend.patterns import FoundPattern, find_patterns
+from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
+from fxq.frontend.trace import FloatLeaf, trace_model
+from fxq.recovery.equalization import equalize
+from fxq.recovery.layers import copy_biases
+from fxq.recovery.rounding import optimize_rounding
+from fxq.recovery.simulation_pass import recover_on_simulation
+from fxq.summary import QuantizationSummary, attach
+from fxq.summary.assembly import (dynamic_output_rewrites, engine_summary, float_layers_after, float_ops,
+                                  untraceable_ops, with_parts)
+from fxq.validate import run_example
+
+# A rewrite of the float graph changes float rounding only (equalization rescales channels): its outputs
+# stay above this SQNR against the model's, or the rewrite lost or changed an op.
+MIN_REWRITE_SQNR_DB = 60.0
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Fix torch's RNG for the run (bit-identical results) without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class Timer:
+    """Wall-clock seconds per pipeline step, for the summary's `timings_s`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+@dataclass
+class TracedModel:
+    """The user's model as fxq works on it: an eval (or train, for QAT) copy and its traced graph."""
+
+    work: nn.Module
+    graph: fx.GraphModule
+    leaves: list[FloatLeaf]  # untraceable submodules, called as opaque float code
+    rewrites: list[str]  # what opening up the graph did, described
+    patterns: list[FoundPattern] = field(default_factory=list)
+
+
+@dataclass
+class FloatGraph:
+    """The float graph that gets quantized: BatchNorm folded, clamps fused, channels equalized."""
+
+    traced: TracedModel
+    choice: engine.EngineChoice  # the engine chosen for this graph
+    rewrites: list[str]  # fold and fuse rewrites, described
+    equalized_pairs: int
+
+
+@dataclass
+class PipelineResult:
+    model: nn.Module
+    # with keep_float_graph: a copy of the float graph before prepare (None for a model quantized by regions)
+    float_graph: FloatGraph | None = None
+
+
+def eval_copy(model: nn.Module, example_inputs: Batch) -> nn.Module:
+    """A deep copy of `model` in eval mode, run once on the example inputs (which must not write its state)."""
+    work = copy.deepcopy(model).eval()
+    versions = state_versions(work)
+    run_example(work, example_inputs)
+    check_state_kept(work, versions)
+    return work
+
+
+def trace_float_graph(work: nn.Module, example_inputs: Batch) -> TracedModel:
+    """Trace `work` and open the graph up: attention blocks that hide their linear layers are decomposed
+    (re-traced), in-place ops made out of place (torch.ao's convert would drop those whose result is
+    unused) and eval-mode no-ops dropped. In train mode (QAT) a forward would update BatchNorm statistics,
+    so attention is left as it is. Raises TraceError when the model's own forward does not trace."""
+    gm, leaves = trace_model(work)
+    if work.training:
+        return TracedModel(work, gm, leaves, describe_rewrites(remove_inplace_ops(gm)), find_patterns(gm))
+    decomposed = []
+    if may_decompose(work):
+        with torch.no_grad():
+            expected = output_tensors(work(*example_inputs))
+
+        def same_outputs() -> bool:
+            with torch.no_grad():
+                actual = output_tensors(work(*example_inputs))
+            return len(actual) == len(expected) and all(
+                a.shape == e.shape and torch.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected))
+
+        decomposed = decompose_attention(work, gm, same_outputs)
+    if any(d.applied for d in decomposed):
+        gm, leaves = trace_model(work)
+    rewrites = [f"decompose: {d.module} ({d.kind})" if d.applied else
+                f"decompose not applied: {d.module} ({d.kind} changed the outputs on the example inputs)"
+                for d in decomposed]
+    rewrites += describe_rewrites(remove_inplace_ops(gm))
+    removed = remove_eval_identities(gm)
+    if removed:
+        rewrites.append(f"drop_eval_identity: {len(removed)} ops that return their input in eval mode "
+                        f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+    return TracedModel(work, gm, leaves, rewrites, find_patterns(gm))
+
+
+def _check_function(expected: list[torch.Tensor], traced: TracedModel, example_inputs: Batch, step: str,
+                    hint: str, error: type[FxqError] = FxqError) -> None:
+    """Raise `error` unless the traced graph reproduces the float model's outputs after `step`."""
+    with torch.no_grad():
+        actual = output_tensors(traced.graph(*example_inputs))
+    stats = ErrorStats()
+    if len(expected) == len(actual) and all(e.shape == a.shape for e, a in zip(expected, actual)):
+        for e, a in zip(expected, actual):
+            stats.update(e, a)
+        if stats.sqnr_db >= MIN_REWRITE_SQNR_DB:
+            return
+    agreement = f"SQNR {stats.sqnr_db:.1f} dB" if stats.count else "outputs of other shapes"
+    raise error(f"{type(traced.work).__name__}: after {step} the float graph no longer computes the model's "
+                f"outputs on the example inputs ({agreement}); {hint}")
+
+
+def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[Batch], options: QuantOptions,
+                      choice: engine.EngineChoice, timer: Timer) -> FloatGraph:
+    """Fold BatchNorm, fuse clamps and equalize `traced.graph` in place, each step checked against the
+    float model's outputs on the example inputs; the engine choice is settled once the graph is known."""
+    gm = traced.graph
+    with torch.no_grad():
+        expected = output_tensors(traced.work(*example_inputs))
+    with timer.step("rewrite"):
+        rewrites = fold_batchnorm(gm) + fuse_clamping_activations(gm)
+        _check_function(expected, traced, example_inputs, "tracing, BatchNorm folding and clamp fusion",
+                        "an op was lost or changed in tracing, e.g. an in-place method whose result is unused "
+                        "(x.add_(y)), which FX drops: write x = x + y", TraceError)
+    choice = engine_for_graph(choice, options, has_conv_adds=bool(fusable_convs(gm, example_inputs)))
+    equalized = []
+    if options.equalize:
+        with timer.step("equalize"):
+            equalized = equalize(gm, batches)
+            _check_function(expected, traced, example_inputs, "cross-layer equalization",
+                            "it should only rescale channels. Pass equalize=False, and please report the model")
+    return FloatGraph(traced, choice, [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites], len(equalized))
+
+
+def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                   options: QuantOptions, *, keep_float_graph: bool = False) -> PipelineResult:
+    """Quantize a copy of `model` (static or dynamic; inputs already validated) and attach its summary.
+
+    With `keep_float_graph`, the result also carries a copy of the float graph that was quantized, for
+    measurements against it (fxq.sensitivity).
+    """
+    choice = engine.select_engine(options)
+    timer = Timer()
+    with seeded(options.seed), engine.using_engine(choice.engine):
+        work = eval_copy(model, example_inputs)
+        with timer.step("trace"):
+            try:
+                traced = trace_float_graph(work, example_inputs)
+            except TraceError as error:
+                if options.mode is Mode.DYNAMIC:
+                    quantized, summary = _quantize_dynamic_untraced(work, options, choice, error, timer)
+                    return PipelineResult(_finish(quantized, summary, example_inputs))
+                if options.mode is not Mode.STATIC:
+                    raise
+                quantized, summary = regions.quantize_regions(work, example_inputs, calibration_data, options,
+                                                              error, timer.seconds, _quantize_part)
+                return PipelineResult(_finish(quantized, summary, example_inputs))
+        if options.mode is Mode.DYNAMIC:
+            return PipelineResult(_finish(*_quantize_dynamic(traced, example_inputs, options, choice, timer),
+                                          example_inputs))
+        batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
+        check_float_outputs(work, batches)
+        float_graph = build_float_graph(traced, example_inputs, batches, options, choice, timer)
+        kept = copy.deepcopy(float_graph) if keep_float_graph else None
+        quantized, summary = _quantize_static(float_graph, example_inputs, batches, options, timer)
+        return PipelineResult(_finish(quantized, summary, example_inputs), kept)
+
+
+def _quantize_part(module: nn.Module, example_inputs: Batch, batches: list[Batch],
+                   options: QuantOptions) -> nn.Module:
+    return quantize_model(module, example_inputs, batches, options).model
+
+
+def _quantize_dynamic(traced: TracedModel, example_inputs: Batch, options: QuantOptions,
+                      choice: engine.EngineChoice, timer: Timer) -> tuple[nn.Module, QuantizationSummary]:
+    leaves = traced.leaves
+    with timer.step("convert"):
+        prepared = engine.prepare_dynamic(traced.graph, example_inputs, options, choice, [l.module for l in leaves])
+        quantized = engine.convert(prepared, choice)
+        restore_output_type(quantized, run_example(traced.work, example_inputs))
+    return quantized, engine_summary(options, choice, patterns=[str(p) for p in traced.patterns],
+                                     rewrites=traced.rewrites,
+                                     float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
+                                     timings_s=timer.seconds)
+
+
+def _quantize_dynamic_untraced(work: nn.Module, options: QuantOptions, choice: engine.EngineChoice,
+                               error: TraceError, timer: Timer) -> tuple[nn.Module, QuantizationSummary]:
+    """Dynamic mode needs no graph: a model whose forward does not trace gets its Linear and recurrent
+    layers swapped for dynamic int8 modules in place, as torch.ao's eager `quantize_dynamic` does."""
+    with timer.step("convert"):
+        swapped = engine.quantize_dynamic_modules(work, options, choice)
+    reason = str(error.__cause__ or error).splitlines()[0][:200]
+    return work, engine_summary(
+        options, choice, rewrites=[f"dynamic int8 module swap (no graph): {len(swapped)} layer(s)"],
+        float_layers=[(name, "keep_float") for name in covered_modules(work, options.keep_float)
+                      if name in weighted_layers(work).float],
+        timings_s=timer.seconds,
+        notes=[f"{type(work).__name__}.forward does not trace ({reason}); its Linear/LSTM/GRU layers were swapped "
+               "for dynamic int8 modules in place, so the model's own Python code runs as written"])
+
+
+def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: list[Batch],
+                     options: QuantOptions, timer: Timer) -> tuple[nn.Module, QuantizationSummary]:
+    traced, choice = float_graph.traced, float_graph.choice
+    gm, leaves, keep_float = traced.graph, traced.leaves, list(options.keep_float)
+    non_traceable = [leaf.module for leaf in leaves]
+    plan, island_modules = None, []
+    if options.float_islands:
+        with timer.step("islands"):
+            plan = find_float_islands(gm, example_inputs, quantizes_op, choice.engine,
+                                      non_traceable + covered_modules(gm, keep_float))
+            ops_in_float = float_ops(gm, plan, leaves, keep_float)  # before outlining renames the island ops
+            island_modules = keep_islands_float(gm, plan)
+    else:
+        ops_in_float = float_ops(gm, None, leaves, keep_float)
+    float_keys = tuple(keep_float) + tuple(island_modules)  # recovery passes skip these layers
+    on_simulation = options.bias_correction or options.optimize_rounding
+    float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
+    with timer.step("prepare"):
+        conv_adds = sorted(fusable_convs(gm, example_inputs)) if choice.fuses_conv_add else []
+        mapping = engine.build_static_qconfig_mapping(gm, options, choice, keep_float=island_modules)
+        prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
+    with timer.step("calibrate"):
+        run_batches(prepared, batches, progress=options.progress)
+        range_choices = engine.range_choices(prepared)
+    grid = engine.weight_grid(options, choice)
+    if grid.seven_bit:
+        with timer.step("weight_bits"):
+            grid, choice = measured_weight_grid(prepared, grid, choice, batches[0], tuple(conv_adds))
+    rounded = {}
+    if options.optimize_rounding:
+        with timer.step("rounding"):  # on the float graph: prepare fused modules of `gm` in place
+            rounded = optimize_rounding(float_gm, batches, grid, skip=float_keys)
+    corrected = []
+    if on_simulation:
+        with timer.step("simulation_pass"):
+            simulation = engine.convert_reference(copy.deepcopy(prepared), choice, conv_adds)
+            rounded, corrected = recover_on_simulation(
+                simulation, float_gm, batches, rounded, refit_weights=options.optimize_rounding,
+                correct_biases=options.bias_correction, grid=grid, skip=float_keys)
+            copy_biases(simulation, prepared, [c.layer for c in corrected])
+    with timer.step("convert"):
+        quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, options, choice, batches[0],
+                                                                      conv_adds)
+        engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
+        dynamic_outputs = dynamic_output_linears(quantized, choice.engine)
+        restore_output_type(quantized, run_example(traced.work, example_inputs))
+    with timer.step("inside_leaves"):
+        around, parts = regions.quantize_inside_leaves(traced.work, quantized, leaves, [example_inputs] + batches,
+                                                       options.replace(backend=choice.engine), _quantize_part)
+    quantized = engine.repack_weights(quantized, choice)
+    summary = engine_summary(
+        options, choice, engine_fidelity_db=fidelity,
+        patterns=[str(p) for p in traced.patterns]
+        + [f"conv-add (one int8 kernel): {name} + add" for name in fused_layers(quantized)],
+        rewrites=traced.rewrites + float_graph.rewrites + dynamic_output_rewrites(dynamic_outputs),
+        float_layers=float_layers_after(quantized, around, keep_float, plan),
+        float_ops=untraceable_ops(around, parts) + ops_in_float,
+        conversions=count_conversions(quantized),
+        estimated_latency_us={} if plan is None else {
+            "float": plan.float_us, "every op int8": plan.all_int8_us, "fxq": plan.planned_us},
+        eight_bit_weight_channels={name: sorted(rows) for name, rows in grid.eight_bit_channels.items()},
+        equalized_pairs=float_graph.equalized_pairs, bias_corrected_layers=len(corrected),
+        rounded_layers=len(rounded), observer_choices=range_choices, timings_s=timer.seconds)
+    return quantized, with_parts(summary, parts)
+
+
+def _finish(quantized: nn.Module, summary: QuantizationSummary, example_inputs: Batch) -> nn.Module:
+    """Attach the summary, then speed up the float layers left in `quantized` (backend.float_layout).
+
+    Every way the pipeline builds a model ends here once."""
+    attach(quantized, summary)
+    with engine.using_engine(summary.engine):
+        kept_nchw = run_float_convs_channels_last(
+            quantized, lambda candidate: output_tensors(run_example(candidate, example_inputs)))
+    if kept_nchw:
+        summary.notes.append(kept_nchw)
+    clamp_float_layer_outputs_in_place(quantized)
+    return quantized
+
+
+# --- quantization-aware training -----------------------------------------------------------------
+
+@dataclass
+class QatRun:
+    """What `convert_qat` needs to know about a model `prepare_qat_model` returned."""
+
+    options: QuantOptions
+    choice: engine.EngineChoice
+    leaves: list[FloatLeaf]
+
+
+def prepare_qat_model(model: nn.Module, example_inputs: Batch, options: QuantOptions) -> tuple[nn.Module, QatRun]:
+    """A trainable fake-quantized copy of `model`, traced in train mode (training-only branches such as
+    dropout and auxiliary heads stay in the graph), BatchNorm folded during training."""
+    choice = engine.select_engine(options)
+    with seeded(options.seed):
+        work = copy.deepcopy(model).eval()
+        run_example(work, example_inputs)
+        work.train()
+        traced = trace_float_graph(work, example_inputs)
+        prepared = engine.prepare_qat(traced.graph, example_inputs, choice, options.keep_float,
+                                      [leaf.module for leaf in traced.leaves])
+    return prepared, QatRun(options, choice, traced.leaves)
+
+
+def convert_qat(trained: nn.Module, run: QatRun) -> nn.Module:
+    """The int8 model of a trained QAT model (a copy in eval mode is converted), with its summary."""
+    quantized = engine.convert(copy.deepcopy(trained).eval(), run.choice)
+    dynamic_outputs = dynamic_output_linears(quantized, run.choice.engine)
+    attach(quantized, engine_summary(run.options, run.choice,
+                                     float_layers=float_layers_after(quantized, run.leaves, run.options.keep_float),
+                                     rewrites=dynamic_output_rewrites(dynamic_outputs)))
+    return quantized

@@ -1,0 +1,117 @@
+"""Models whose own forward does not trace: quantize the traceable submodules as regions.
+
+Detection models loop over images or branch on data in their top-level forward, and some blocks branch
+on data inside (a gate). Each traceable submodule is quantized on its own, calibrated on the arguments it
+receives when the float model runs the calibration batches, and put back under its own name; the code
+around the regions runs in float, and the summary says so.
+
+The quantization of one part is the pipeline's, passed in as `quantize_part`, so this module sits below
+the pipeline and never imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from fxq.calibration import Batch, check_float_outputs, materialize
+from fxq.config import QuantOptions
+from fxq.errors import FxqError, TraceError
+from fxq.frontend.graph import replace_module
+from fxq.frontend.trace import FloatLeaf, find_regions
+from fxq.summary import QuantizationSummary, summary_of
+from fxq.summary.assembly import regions_summary
+
+# quantize_part(module, example arguments, calibration batches, options) -> its int8 module (with a summary)
+QuantizePart = Callable[[nn.Module, Batch, list[Batch], QuantOptions], nn.Module]
+
+
+def _capture_calls(work: nn.Module, parts: list[str], runs: list[Batch]) -> dict[str, list[list[tuple | None]]]:
+    """Per part, per run: the positional arguments of each call (None for a call with keywords)."""
+    calls: dict[str, list[list[tuple | None]]] = {name: [] for name in parts}
+    handles = []
+    for name in parts:
+        def record(_module, args, kwargs, name=name):
+            calls[name][-1].append(None if kwargs else tuple(args))
+        handles.append(work.get_submodule(name).register_forward_pre_hook(record, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for run in runs:
+                for name in parts:
+                    calls[name].append([])
+                work(*run)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def quantize_parts(work: nn.Module, target: nn.Module, parts: list[str], around: list[FloatLeaf],
+                   runs: list[Batch], options: QuantOptions,
+                   quantize_part: QuantizePart) -> dict[str, QuantizationSummary]:
+    """Quantize each named traceable part of the float model `work` on the arguments it receives when
+    `work` runs `runs` (the first run is the example), and put the int8 part into `target` under the same
+    name. Parts that cannot be quantized are added to `around` with the reason."""
+    calls = _capture_calls(work, parts, runs)
+    summaries = {}
+    for name in parts:
+        example_calls = calls[name][0]
+        part_batches = [args for run in calls[name][1:] for args in run]
+        if not example_calls or None in example_calls or None in part_batches:
+            around.append(FloatLeaf(name, "not called, or called with keyword arguments, on the example inputs"))
+            continue
+        try:
+            quantized = quantize_part(work.get_submodule(name), example_calls[0], part_batches,
+                                      options.scoped_to(name))
+        except FxqError as failure:
+            around.append(FloatLeaf(name, f"not quantized: {failure}"[:300]))
+            continue
+        _keep_plain_attributes(work.get_submodule(name), quantized)
+        summaries[name] = summary_of(quantized)
+        options = options.replace(backend=summaries[name].engine)  # every part on the first one's engine
+        replace_module(target, name, quantized)
+    return summaries
+
+
+def _keep_plain_attributes(original: nn.Module, quantized: nn.Module) -> None:
+    """Copy the plain attributes the model's own Python code may read from a part (ultralytics' layer loop
+    reads `m.f`, `m.i`, `m.type` of each layer) onto its int8 replacement."""
+    for key, value in vars(original).items():
+        if not key.startswith("_") and not hasattr(quantized, key):
+            setattr(quantized, key, value)
+
+
+def quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                     options: QuantOptions, error: TraceError, timings_s: dict[str, float],
+                     quantize_part: QuantizePart) -> tuple[nn.Module, QuantizationSummary]:
+    """Quantize each traceable submodule of `work` (whose own forward raised `error` when traced), in
+    place, and return it with the merged summary. Raises `error` when nothing inside traces either."""
+    reason = str(error.__cause__ or error).splitlines()[0][:200]
+    regions, around = find_regions(work, reason)
+    if not regions:
+        raise error
+    batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
+    check_float_outputs(work, batches)
+    summaries = quantize_parts(work, work, regions, around, [example_inputs] + batches, options, quantize_part)
+    note = (f"{type(work).__name__}.forward does not trace ({reason}); quantized separately: "
+            f"{', '.join(summaries) or 'nothing'}")
+    return work, regions_summary(options, work, around, summaries, timings_s, note)
+
+
+def quantize_inside_leaves(work: nn.Module, quantized: nn.Module, leaves: list[FloatLeaf], runs: list[Batch],
+                           options: QuantOptions, quantize_part: QuantizePart
+                           ) -> tuple[list[FloatLeaf], dict[str, QuantizationSummary]]:
+    """The traceable parts inside untraceable leaves (Gate.conv of a Gate whose forward branches on data),
+    quantized on their own and put into the int8 model's leaves. Returns every untraceable module (leaves
+    and the untraceable modules inside them) and the parts' summaries."""
+    around: list[FloatLeaf] = []
+    parts: list[str] = []
+    for leaf in leaves:
+        regions, inner = find_regions(work.get_submodule(leaf.module), leaf.reason)
+        parts += [f"{leaf.module}.{region}" for region in regions]
+        around += [FloatLeaf(f"{leaf.module}.{i.module}" if i.module else leaf.module, i.reason) for i in inner]
+    summaries = quantize_parts(work, quantized, parts, around, runs, options, quantize_part) if parts else {}
+    return around, summaries
+
