@@ -89,3 +89,17 @@ def test_dict_outputs_and_identical_models():
     assert same.structure.int8_modules == 0 and same.structure.engine is None
     assert len(same.structure.float_weight_layers) == 3
     json.loads(same.to_json())
+
+
+def test_the_size_table_prints_parameter_counts_as_written(tiny_report):
+    count = f"{tiny_report.size.float_parameters:,}"
+    assert count in str(tiny_report)  # not re-parsed into scientific notation
+
+
+def test_a_summary_prints_as_lines_a_user_can_read():
+    model = tiny()
+    calibration = _batches(1)
+    text = str(fxq.summary_of(fxq.quantize(model, calibration[0][:1], calibration_data=calibration,
+                                           keep_float=["2"])))
+    assert text.startswith("engine ") and "biases corrected" in text and "steps (s): trace" in text
+    assert "float layer 2: keep_float" in text

@@ -110,7 +110,8 @@ class Report:
             ("size", tabulate([["parameters", f"{size.float_parameters:,}", f"{size.int8_parameters:,}", ""],
                                ["serialized MB", f"{size.float_mb:.3f}", f"{size.int8_mb:.3f}",
                                 f"{size.ratio:.3f}"]],
-                              headers=["", "float", "int8", "int8/float"], tablefmt=tablefmt)),
+                              headers=["", "float", "int8", "int8/float"], tablefmt=tablefmt,
+                              disable_numparse=True)),
             ("latency (ms)", tabulate(
                 [[r.batch_size, r.threads, r.float_median_ms, r.float_p90_ms, r.int8_median_ms, r.int8_p90_ms,
                   f"{r.speedup:.2f}x"] for r in self.latency],

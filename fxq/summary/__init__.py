@@ -45,6 +45,22 @@ class QuantizationSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def __str__(self) -> str:
+        """What was done, in a few lines: engine, counts, what stays float and why, step timings."""
+        lines = [f"engine {self.engine}: {self.engine_reason}",
+                 f"{len(self.patterns)} patterns, {len(self.rewrites)} rewrites, {self.equalized_pairs} layer pairs "
+                 f"equalized, {self.bias_corrected_layers} biases corrected, {self.rounded_layers} layers with "
+                 "optimized rounding"]
+        if self.conversions:
+            lines.append(f"quantize / dequantize per call: {self.conversions.get('quantize', 0)} / "
+                         f"{self.conversions.get('dequantize', 0)}")
+        lines += [f"float layer {name}: {why}" for name, why in self.float_layers]
+        lines += [f"float ops {what}: {why}" for what, why in self.float_ops]
+        lines += [f"note: {note}" for note in self.notes]
+        if self.timings_s:
+            lines.append("steps (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in self.timings_s.items()))
+        return "\n".join(lines)
+
 
 _SUMMARIES: "weakref.WeakKeyDictionary[nn.Module, QuantizationSummary]" = weakref.WeakKeyDictionary()
 
