@@ -5,9 +5,9 @@ flow: logits SQNR over the evaluation set, top-1 agreement with float, batch-1 l
 float eager (float and int8 timed alternately, medians after warm-up), and quantization time. fxq's
 techniques are added one at a time so each one's gain is visible. torchao PT2E and OpenVINO NNCF
 rows (bench/compare_flows.py) are measured when those optional packages are installed
-(`pip install -e '.[compare]'`) and say "not installed" otherwise.
+(`pip install -e '.[compare]'`) and say "not installed" otherwise. Crops, baseline and metrics: bench/protocol.py.
 
-    python bench/accuracy.py [--threads 2] [--eval 256] [--markdown] [--flows "PyTorch,torchao,nncf"]
+    python -m bench.accuracy [--threads 2] [--eval 256] [--markdown] [--flows "PyTorch,torchao,nncf"]
                              [--calibration-seed 1 --eval-seed 2]  (other crops of the same photographs)
 
 On a CPU with AVX-512 VNNI, `ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2` makes onednn and
@@ -27,7 +27,7 @@ if FRESH_INDUCTOR_CACHE:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxq-accuracy-inductor-")
 
 import argparse
-import copy
+import contextlib
 import importlib.util
 import shutil
 import time
@@ -38,46 +38,15 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from compare_flows import FLOWS as EXTERNAL_FLOWS
-from fxq.report.latency import cpu_name, isa_limits, measure_latency
-from fxq.samples import pretrained_mobilenet_v2, random_crops
+from bench.compare_flows import FLOWS as EXTERNAL_FLOWS
+from bench.protocol import (CALIBRATION_SEED, EVAL_SEED, NATIVE_ENGINE, batch1_latency_ratio, mobilenet_protocol,
+                            native_fx_default, outputs_in_batches, sqnr_db, top1_agreement)
+from fxq.backend.engine import using_engine
+from fxq.report.latency import cpu_name, isa_limits
 
 warnings.filterwarnings("ignore")
 
-
-def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
-    return float(20 * torch.log10(reference.norm() / (reference - approximation).norm()))
-
-
-def native_fx(model: torch.nn.Module, calibration: list[torch.Tensor]) -> torch.nn.Module:
-    """PyTorch's own FX flow with its default x86 qconfig mapping (the baseline users get today)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    torch.backends.quantized.engine = "x86"
-    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[0][:1],))
-    with torch.no_grad():
-        for batch in calibration:
-            prepared(batch)
-    return convert_fx(prepared)
-
-
-def protocol(calibration_seed: int, eval_seed: int, eval_crops: int
-             ) -> tuple[torch.nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """(float MobileNetV2, 4 calibration batches of 16 crops, evaluation crops, float logits on them)."""
-    model = pretrained_mobilenet_v2()
-    calibration = list(random_crops(64, seed=calibration_seed).split(16))
-    evaluation = random_crops(eval_crops, seed=eval_seed)
-    with torch.no_grad():
-        reference = torch.cat([model(chunk) for chunk in evaluation.split(32)])
-    return model, calibration, evaluation, reference
-
-
-def batch1_latency_ratio(float_model, int8_model, example) -> float:
-    """Median int8 / float batch-1 latency, the two timed alternately after warm-up."""
-    (row,) = measure_latency(float_model, int8_model, (example,), batch_sizes=(1,), repeats=30)
-    return row.int8_median_ms / row.float_median_ms
-
+BASELINE = "PyTorch FX default (x86 qconfig mapping)"
 
 # each row adds one technique to the row above it; the last row takes one out of the default
 FXQ_FLOWS = {
@@ -110,9 +79,8 @@ def measure_row(name: str, build: Callable[[], Callable], model, evaluation, ref
     # first input shape and rebuild it on every call of another (fxq.backend.engine.repack_weights), so
     # batch 1 after batch 32 measured fxq's onednn model at 7.5 ms instead of 3.4 ms
     latency = batch1_latency_ratio(model, quantized, example)
-    with torch.no_grad():
-        logits = torch.cat([quantized(chunk) for chunk in evaluation.split(32)])
-    agreement = float((logits.argmax(1) == reference.argmax(1)).float().mean())
+    logits = outputs_in_batches(quantized, evaluation, 32)
+    agreement = top1_agreement(reference, logits)
     float_layers = len(fxq.summary_of(quantized).float_layers) if name in MIXED_FLOWS else 0
     return [name + (f", {float_layers} layers float" if float_layers else ""),
             f"{sqnr_db(reference, logits):.2f}", f"{100 * agreement:.1f}%", f"{latency:.2f}", f"{seconds:.1f}"]
@@ -134,8 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=256)
-    parser.add_argument("--calibration-seed", type=int, default=1)
-    parser.add_argument("--eval-seed", type=int, default=2)
+    parser.add_argument("--calibration-seed", type=int, default=CALIBRATION_SEED)
+    parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed-precision rows (minutes each)")
     parser.add_argument("--flows", metavar="SUBSTRING[,SUBSTRING...]",
@@ -145,18 +113,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model, calibration, evaluation, reference = protocol(args.calibration_seed, args.eval_seed, args.eval)
+    model, calibration, evaluation, reference = mobilenet_protocol(args.calibration_seed, args.eval_seed, args.eval)
     example = evaluation[:1]
     measure_args = (model, evaluation, reference, example)
 
-    flows = {"PyTorch FX default (x86 qconfig mapping)": lambda: native_fx(model, calibration)}
+    flows = {BASELINE: lambda: native_fx_default(model, calibration)}
     for name, options in {**FXQ_FLOWS, **({} if args.no_mixed else MIXED_FLOWS)}.items():
         flows[name] = lambda options=options: fxq.quantize(model, (example,), calibration_data=calibration, **options)
 
     rows = []
     for name, build in flows.items():
         if selected(name, args.flows):
-            rows.append(measure_row(name, build, *measure_args))
+            # fxq.quantize leaves the engine it chose set; PyTorch's model runs on the one it was converted for
+            with using_engine(NATIVE_ENGINE) if name == BASELINE else contextlib.nullcontext():
+                rows.append(measure_row(name, build, *measure_args))
             print(rows[-1], flush=True)
     for name, (package, flow) in EXTERNAL_FLOWS.items():
         if selected(name, args.flows):

@@ -2,13 +2,13 @@
 
 For each model: the share of conv/linear calls that run int8 kernels, the int8/float latency ratio at
 batch 1 (float and int8 timed alternately, medians, fxq.report.latency), and the output SQNR against float
-on real photographic crops. Models have random weights made realistic (tests/coverage_models.py: BN
-statistics re-estimated on photographs), except MobileNetV2, which uses torchvision's ImageNet checkpoint.
+on real photographic crops. Models have random weights made realistic (bench/models.py: BN statistics
+re-estimated on photographs), except MobileNetV2, which uses torchvision's ImageNet checkpoint.
 Each model runs in its own process (memory) and its row is appended to a JSON-lines file, so an
 interrupted run resumes where it stopped; `--markdown` renders bench/coverage.md from those rows.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/coverage.py [--models resnet18,vit_b_16] [--threads 2]
-    python bench/coverage.py --markdown
+    OMP_WAIT_POLICY=PASSIVE python -m bench.coverage [--models resnet18,vit_b_16] [--threads 2]
+    python -m bench.coverage --markdown
 """
 
 from __future__ import annotations
@@ -23,9 +23,17 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the model list and builders live beside the tests that use them
+import torch
+from tabulate import tabulate
 
+import fxq
+from bench.models import CLASSIFICATION, DETECTION, MODELS, SEGMENTATION, build, crops
+from bench.protocol import CALIBRATION_SEED, EVAL_SEED, outputs_sqnr_db
+from fxq.backend.op_kinds import weighted_layers
+from fxq.report.latency import cpu_name, isa_limits, measure_latency
+from fxq.samples import pretrained_mobilenet_v2
+
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "coverage.jsonl"
 MARKDOWN = ROOT / "bench" / "coverage.md"
 CALIBRATION_IMAGES, EVAL_IMAGES = 16, 16
@@ -36,21 +44,14 @@ RECOVERY_OFF = dict(equalize=False, bias_correction=False, optimize_rounding=Fal
 
 def measure(name: str, threads: int, options: dict) -> dict:
     """Quantize one model and measure it; returns the result row."""
-    import torch
-
-    import fxq
-    from coverage_models import MODELS, build, crops
-    from fxq.backend.engine import weighted_layers
-    from fxq.report.latency import cpu_name, isa_limits, measure_latency
-    from fxq.samples import pretrained_mobilenet_v2
-
     warnings.filterwarnings("ignore")
     spec = MODELS[name]
     size = spec.bench_size
     model = pretrained_mobilenet_v2() if name == "mobilenet_v2" else build(name, size)
     detector = spec.kind == "detection"
-    calibration = crops(spec, CALIBRATION_IMAGES // 2 if detector else CALIBRATION_IMAGES, seed=1, size=size)
-    evaluation = crops(spec, EVAL_IMAGES // 4 if detector else EVAL_IMAGES, seed=2, size=size)
+    calibration = crops(spec, CALIBRATION_IMAGES // 2 if detector else CALIBRATION_IMAGES, seed=CALIBRATION_SEED,
+                        size=size)
+    evaluation = crops(spec, EVAL_IMAGES // 4 if detector else EVAL_IMAGES, seed=EVAL_SEED, size=size)
     # detectors take a list of images; one image per batch
     batches = [([image],) for image in calibration] if detector else list(calibration.split(4))
     example = ([evaluation[0]],) if detector else (evaluation[:1],)
@@ -84,22 +85,15 @@ def _sqnr_db(model, quantized, images, detector: bool = False) -> float:
     """SQNR (dB) of all output tensors of `quantized` against `model`, one image at a time (batch 1, the
     shape the int8 kernels were first called with). For a detector, of the backbone's feature maps: its
     boxes are a discrete selection, not a signal to compare."""
-    import torch
-
-    from fxq.analysis.shadow import output_tensors
-
-    reference, approximation = [], []
+    pairs = []
     with torch.no_grad():
         for image in images.split(1):
             if detector:
                 features = model.transform(list(image))[0].tensors
-                pairs = (model.backbone(features), quantized.backbone(features))
+                pairs.append((model.backbone(features), quantized.backbone(features)))
             else:
-                pairs = (model(image), quantized(image))
-            reference += [t.reshape(-1) for t in output_tensors(pairs[0])]
-            approximation += [t.reshape(-1) for t in output_tensors(pairs[1])]
-    reference, approximation = torch.cat(reference), torch.cat(approximation)
-    return float(20 * torch.log10(reference.norm() / (reference - approximation).norm()))
+                pairs.append((model(image), quantized(image)))
+    return outputs_sqnr_db(pairs)
 
 
 def run_all(names: list[str], threads: int, options: dict, timeout_s: int) -> None:
@@ -108,11 +102,11 @@ def run_all(names: list[str], threads: int, options: dict, timeout_s: int) -> No
         if name in done:
             print(f"{name}: already measured, skipped", flush=True)
             continue
-        command = [sys.executable, __file__, "--one", name, "--threads", str(threads),
+        command = [sys.executable, "-m", "bench.coverage", "--one", name, "--threads", str(threads),
                    "--options", json.dumps(options)]
         started = time.perf_counter()
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
             lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
             row = json.loads(lines[-1]) if lines else {"model": name, "error": result.stderr.strip()[-500:]}
         except subprocess.TimeoutExpired:
@@ -123,10 +117,6 @@ def run_all(names: list[str], threads: int, options: dict, timeout_s: int) -> No
 
 
 def render_markdown() -> str:
-    from tabulate import tabulate
-
-    from fxq.report.latency import cpu_name, isa_limits
-
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
     table = []
     for row in rows:
@@ -146,11 +136,11 @@ def render_markdown() -> str:
     dates = sorted({row.get("date", datetime.date.today().isoformat()) for row in rows})
     header = (f"# fxq coverage: torchvision models through `fxq.quantize`\n\n"
               f"{'; '.join(cpus)}, {', '.join(map(str, sorted(threads)))} threads, torch "
-              f"{__import__('torch').__version__}, {' to '.join(dict.fromkeys([dates[0], dates[-1]]))}; latencies "
+              f"{torch.__version__}, {' to '.join(dict.fromkeys([dates[0], dates[-1]]))}; latencies "
               f"are medians at batch 1, float and int8 timed alternately (ratios are steadier than times).\n"
-              f"`python bench/coverage.py`, fxq's default options unless the last column says otherwise. Random "
+              f"`python -m bench.coverage`, fxq's default options unless the last column says otherwise. Random "
               f"weights with BatchNorm statistics "
-              f"re-estimated on photographs (tests/coverage_models.py), except mobilenet_v2 (ImageNet checkpoint); "
+              f"re-estimated on photographs (bench/models.py), except mobilenet_v2 (ImageNet checkpoint); "
               f"SQNR of all outputs against float on {EVAL_IMAGES} photographic crops (detectors: of the backbone's "
               f"feature maps on {EVAL_IMAGES // 4} images; their own forward does not trace, so fxq quantizes the "
               f"traceable parts and the heads' Python code runs in float); latency at batch 1. The second SQNR "
@@ -179,9 +169,7 @@ def main() -> None:
         MARKDOWN.write_text(render_markdown())
         print(MARKDOWN.read_text())
         return
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from coverage_models import CLASSIFICATION, DETECTION, SEGMENTATION
-
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # for the processes that measure
     names = args.models.split(",") if args.models else [spec.name for spec in CLASSIFICATION + SEGMENTATION
                                                          + DETECTION]
     run_all(names, args.threads, json.loads(args.options), args.timeout)

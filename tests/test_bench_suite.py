@@ -1,4 +1,4 @@
-"""bench/suite.py --quick runs as a user would run it (fresh process) and writes the promised tables."""
+"""`python -m bench.suite --quick` runs as a user would run it (fresh process) and writes the promised tables."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-SUITE = Path(__file__).resolve().parent.parent / "bench" / "suite.py"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
@@ -30,8 +30,9 @@ def markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
 
 def test_quick_suite_writes_tables_with_numbers(tmp_path):
     out = tmp_path / "results.md"
-    result = subprocess.run([sys.executable, str(SUITE), "--quick", "--out", str(out)], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    result = subprocess.run([sys.executable, "-m", "bench.suite", "--quick", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert result.returncode == 0, result.stderr[-2000:]
     text = out.read_text()
     assert "2 threads" in text and f"torch {torch.__version__}" in text and "CPU " in text

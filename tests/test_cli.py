@@ -77,7 +77,9 @@ def test_sensitivity_without_api(monkeypatch, capsys):
     assert "fxq.sensitivity" in capsys.readouterr().err
 
 
-def test_bench_runs_the_suite_script(capsys):
+def test_bench_runs_the_suite_script(capfd, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the suite is found from fxq's checkout, not the working directory
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     assert main(["bench", "--help"]) == 0  # the suite's own options, passed through
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "--quick" in out and "--models" in out

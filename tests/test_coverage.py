@@ -1,7 +1,7 @@
 """Drop-in coverage: torchvision models quantize with no edits, run, keep their output structure, and run
 most of their conv/linear layers as int8 kernels.
 
-Models come from tests/coverage_models.py (random weights, BatchNorm statistics re-estimated on real
+Models come from bench/models.py (random weights, BatchNorm statistics re-estimated on real
 photographs so activations have realistic ranges). Coverage is about tracing and kernels, so the
 recovery passes are off (`STRUCTURE_OPTIONS`): they change numbers, not which kernels run, and cost time.
 Inputs are the smallest each model takes comfortably (64x64; 75 for Inception-V3; 224 for the
@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 import fxq
-from coverage_models import MODELS, build, crops
-from fxq.analysis.shadow import output_tensors
-from fxq.backend import engine
+from bench.models import MODELS, build, crops
+from fxq.backend.op_kinds import weighted_layers
+from fxq.calibration import output_tensors
 from helpers import sqnr
 
 STRUCTURE_OPTIONS = dict(optimize_rounding=False, equalize=False, bias_correction=False)
@@ -100,7 +100,7 @@ def test_model_quantizes_runs_and_keeps_its_outputs(name: str):
     assert all(torch.isfinite(t).all() for t in actual_tensors)
     measured = sqnr(torch.cat([t.reshape(-1) for t in expected_tensors]),
                     torch.cat([t.reshape(-1) for t in actual_tensors]))
-    layers = engine.weighted_layers(quantized)
+    layers = weighted_layers(quantized)
     conv_linear = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     print(f"{name}: int8 {len(layers.int8)}/{len(layers.int8) + len(layers.float)} "
           f"({layers.int8_fraction:.3f}), SQNR {measured:.2f} dB")
@@ -131,7 +131,7 @@ def test_detector_backbone_is_int8_and_heads_stay_float(name: str):
     summary = fxq.summary_of(quantized)
     assert summary.notes and "does not trace" in summary.notes[0]
     assert "backbone" in summary.notes[0].split("quantized separately:")[1]
-    layers = engine.weighted_layers(quantized)
+    layers = weighted_layers(quantized)
     backbone = [n for n in layers.int8 if n.startswith("backbone")]
     assert backbone and not [n for n in layers.float if n.startswith("backbone")]
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_untraceable_blocks_stay_float_and_the_report_says_why():
     quantized = fxq.quantize(model, photos[:1], calibration_data=list(photos.split(4)), **STRUCTURE_OPTIONS)
     summary = fxq.summary_of(quantized)
     assert summary.float_layers == []
-    assert engine.weighted_layers(quantized).int8 == ["stem.0", "body.0", "head.2", "gate.conv.conv2d",
+    assert weighted_layers(quantized).int8 == ["stem.0", "body.0", "head.2", "gate.conv.conv2d",
                                                       "checked.conv.conv2d"]
     untraceable = {what: why for what, why in summary.float_ops if why.startswith("untraceable")}
     assert untraceable == {
@@ -243,7 +243,7 @@ def test_self_attention_projections_become_int8(batch_first):
     quantized = fxq.quantize(model, tokens[:1], calibration_data=list(tokens.split(4)), **STRUCTURE_OPTIONS)
     summary = fxq.summary_of(quantized)
     assert "decompose: attention (MultiheadAttention -> in_proj/out_proj Linear)" in summary.rewrites
-    layers = engine.weighted_layers(quantized)
+    layers = weighted_layers(quantized)
     assert layers.int8 == ["embed", "attention.in_proj", "attention.out_proj", "head"]
     assert layers.float == ["masked.out_proj"]  # a masked attention stays nn.MultiheadAttention
     with torch.no_grad():

@@ -480,7 +480,7 @@ def test_recommend_prefers_the_block_that_costs_less_latency_per_noise_removed(p
     from fxq.analysis import sensitivity as sensitivity_module
 
     # costs as timed on an Intel Xeon (VNNI), not on this machine: timed under load, narrow once came out
-    # at -40 us and failed the test; timings belong in bench/ (bench/island_costs.py)
+    # at -40 us and failed the test; timings belong in bench/ (bench/experiments/island_costs.py)
     timed = {"narrow": 44.0, "wide": 380.0}
     table_costs = sensitivity_module.float_unit_costs
     monkeypatch.setattr(sensitivity_module, "float_unit_costs", lambda *args, **kwargs: {

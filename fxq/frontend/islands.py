@@ -15,7 +15,7 @@ pooling). Where a float op's output feeds an int8 op there is one quantize of th
 op's output feeds a float op one dequantize, each also `overhead + rate * elements`. Ops torch.ao cannot
 run in int8 (and graph inputs and outputs) are float by force; views and shape ops cost nothing either
 way. The constants (`COSTS`) were measured on the reference machine (AMD EPYC Zen 4, 2 threads, engine
-x86, torch 2.14.1) by bench/island_costs.py and rounded; they are fixed, not measured per run, so the
+x86, torch 2.14.1) by bench/experiments/island_costs.py and rounded; they are fixed, not measured per run, so the
 same model always gets the same plan. Only their ratios matter for the decision. A conv or linear layer
 pays an extra WEIGHTED_FLOAT_PENALTY_US for going float, so only clear losses leave one float.
 
@@ -58,7 +58,7 @@ class Cost:
         return self.int8_us + self.int8_ns * units / 1000.0
 
 
-# Measured by bench/island_costs.py (see the module docstring), rounded.
+# Measured by bench/experiments/island_costs.py (see the module docstring), rounded.
 COSTS: dict[str, Cost] = {
     "add": Cost(2, 0.25, 5, 0.30),
     "mul": Cost(4, 0.25, 7, 0.33),

@@ -1,7 +1,7 @@
 """Time fxq.sensitivity on ImageNet MobileNetV2 (52 convs + classifier) with 32 calibration and 32 eval images.
 
-    python bench/bench_sensitivity.py [--images 32] [--batch 8] [--repeat 1] [--threads N]
-                                      [--option NAME=VALUE, a quantize option, e.g. optimize_rounding=False]
+    python -m bench.experiments.bench_sensitivity [--images 32] [--batch 8] [--repeat 1] [--threads N]
+        [--option NAME=VALUE, a quantize option, e.g. optimize_rounding=False]
 
 Prints the machine (CPU model, torch threads, load), the wall time and CPU time of each step, and the
 end-to-end SQNR, so runs on other machines or commits can be compared. On a machine shared with other

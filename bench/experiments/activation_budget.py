@@ -5,24 +5,23 @@ with 8-bit per-tensor quantization (min/max range from the calibration crops) in
 activation; the logits SQNR against the float graph is that activation's solo cost. Independent noises
 add, so the last line (all solo noise powers summed) bounds what all-int8 activations allow.
 
-    python bench/activation_budget.py [--top 20]
+    python -m bench.experiments.activation_budget [--top 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import warnings
 
 import torch
 from torch import fx
 
-from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
-from fxq.frontend.trace import trace_model
-from fxq.recovery.equalization import equalize
+from bench.protocol import calibration_batches, evaluation_crops, sqnr_db
+from fxq import QuantOptions, pipeline
+from fxq.backend import engine
 from fxq.report.latency import cpu_name
-from fxq.samples import pretrained_mobilenet_v2, random_crops
+from fxq.samples import pretrained_mobilenet_v2
 
 warnings.filterwarnings("ignore")
 LEVELS = 255
@@ -65,12 +64,13 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    calibration = [(batch,) for batch in random_crops(64, seed=1).split(16)]
-    evaluation = random_crops(args.eval, seed=2)
-    gm, _ = trace_model(copy.deepcopy(pretrained_mobilenet_v2()).eval())
-    fold_batchnorm(gm)
-    fuse_clamping_activations(gm)
-    equalize(gm, calibration)
+    calibration = [(batch,) for batch in calibration_batches(64)]
+    evaluation = evaluation_crops(args.eval)
+    # the float graph fxq.quantize works on, built by its own pipeline
+    example = calibration[0]
+    traced = pipeline.trace_float_graph(pipeline.eval_copy(pretrained_mobilenet_v2(), example), example)
+    gm = pipeline.build_float_graph(traced, example, calibration, QuantOptions(), engine.select_engine(QuantOptions()),
+                                    pipeline.Timer()).traced.graph
     recorder = RangeRecorder(gm)
     with torch.no_grad():
         for batch in calibration:
@@ -81,8 +81,7 @@ def main() -> None:
             if node.op == "output":
                 continue
             output = OneQuantizedActivation(gm, node, low, high).run(evaluation)
-            noise = float((reference - output).norm() / reference.norm())
-            costs.append((20 * math.log10(1 / max(noise, 1e-12)), node.name, low, high))
+            costs.append((sqnr_db(reference, output), node.name, low, high))
     print(f"MobileNetV2, {args.eval} eval crops; CPU {cpu_name()}, threads {torch.get_num_threads()}")
     for db, name, low, high in sorted(costs)[:args.top]:
         print(f"{db:6.1f} dB  {name:28s} range [{low:.2f}, {high:.2f}]")

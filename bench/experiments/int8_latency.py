@@ -7,7 +7,7 @@ medians after warm-up, ratios against float and fxq against native. OpenMP's wai
 (OMP_WAIT_POLICY=PASSIVE, which bench/suite.py sets for shared machines, made every flow here slower:
 float MobileNetV2 27 ms instead of 11 ms on an AMD EPYC).
 
-    python bench/int8_latency.py [--models mobilenet_v2 resnet18] [--rounds 100] [--threads 2]
+    python -m bench.experiments.int8_latency [--models mobilenet_v2 resnet18] [--rounds 100] [--threads 2]
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torchvision
 from tabulate import tabulate
 
 import fxq
-from accuracy import native_fx
+from bench.protocol import calibration_batches, native_fx_default
 from fxq.backend.conv_add import fused_layers
 from fxq.report.latency import cpu_name, isa_limits
-from fxq.samples import pretrained_mobilenet_v2, random_crops
+from fxq.samples import pretrained_mobilenet_v2
 
 warnings.filterwarnings("ignore")
 
@@ -46,12 +46,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    calibration = list(random_crops(32, seed=1).split(16))
+    calibration = calibration_batches(32)
     example = calibration[0][:1]
     rows = []
     for name in args.models:
         model = build(name)
-        flows = {"float": model, "PyTorch FX int8": native_fx(model, calibration),
+        flows = {"float": model, "PyTorch FX int8": native_fx_default(model, calibration),
                  "fxq int8": fxq.quantize(model, (example,), calibration_data=calibration)}
         times = {flow: [] for flow in flows}
         with torch.inference_mode():

@@ -5,7 +5,7 @@ sizes; a straight line `overhead_us + ns_per_unit * units` is fitted to each, wh
 element (element-wise ops, pooling, conversions) or a multiply-accumulate (conv, linear, matmul). The
 printed table is what islands.py's COSTS holds; rerun this on another CPU to re-derive it.
 
-    OMP_WAIT_POLICY=PASSIVE python bench/island_costs.py [--threads 2] [--engine x86]
+    OMP_WAIT_POLICY=PASSIVE python -m bench.experiments.island_costs [--threads 2] [--engine x86]
 """
 
 from __future__ import annotations
