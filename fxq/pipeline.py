@@ -86,6 +86,8 @@ class TracedModel:
     leaves: list[FloatLeaf]  # untraceable submodules, called as opaque float code
     rewrites: list[str]  # what opening up the graph did, described
     patterns: list[FoundPattern] = field(default_factory=list)
+    # the float model's output tensors on the example inputs, taken before any rewrite (eval mode only)
+    expected_outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -115,18 +117,23 @@ def eval_copy(model: nn.Module, example_inputs: Batch) -> nn.Module:
 
 
 def trace_float_graph(work: nn.Module, example_inputs: Batch) -> TracedModel:
-    """Trace `work` and open the graph up: attention blocks that hide their linear layers are decomposed
-    (re-traced), in-place ops made out of place (torch.ao's convert would drop those whose result is
-    unused) and eval-mode no-ops dropped. In train mode (QAT) a forward would update BatchNorm statistics,
-    so attention is left as it is. Raises TraceError when the model's own forward does not trace."""
+    """Trace `work` and open the graph up (`open_up`). Raises TraceError when the model's own forward does
+    not trace, or when it mutates a tensor in a way the int8 model could not repeat."""
     gm, leaves = trace_model(work)
+    return open_up(work, gm, leaves, example_inputs)
+
+
+def open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf], example_inputs: Batch) -> TracedModel:
+    """Open the traced graph up: attention blocks that hide their linear layers are decomposed
+    (re-traced), in-place ops made out of place (torch.ao's convert would drop those whose result is
+    unused; a mutation the caller could observe raises TraceError) and eval-mode no-ops dropped. In train
+    mode (QAT) a forward would update BatchNorm statistics, so attention is left as it is."""
     if work.training:
         return TracedModel(work, gm, leaves, describe_rewrites(remove_inplace_ops(gm)), find_patterns(gm))
+    with torch.no_grad():  # before any rewrite: clearing an inplace flag changes the shared module in `work` too
+        expected = output_tensors(work(*example_inputs))
     decomposed = []
     if may_decompose(work):
-        with torch.no_grad():
-            expected = output_tensors(work(*example_inputs))
-
         def same_outputs() -> bool:
             with torch.no_grad():
                 actual = output_tensors(work(*example_inputs))
@@ -144,7 +151,7 @@ def trace_float_graph(work: nn.Module, example_inputs: Batch) -> TracedModel:
     if removed:
         rewrites.append(f"drop_eval_identity: {len(removed)} ops that return their input in eval mode "
                         f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
-    return TracedModel(work, gm, leaves, rewrites, find_patterns(gm))
+    return TracedModel(work, gm, leaves, rewrites, find_patterns(gm), expected)
 
 
 def _check_function(expected: list[torch.Tensor], traced: TracedModel, example_inputs: Batch, step: str,
@@ -167,9 +174,7 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
                       choice: engine.EngineChoice, timer: Timer) -> FloatGraph:
     """Fold BatchNorm, fuse clamps and equalize `traced.graph` in place, each step checked against the
     float model's outputs on the example inputs; the engine choice is settled once the graph is known."""
-    gm = traced.graph
-    with torch.no_grad():
-        expected = output_tensors(traced.work(*example_inputs))
+    gm, expected = traced.graph, traced.expected_outputs
     with timer.step("rewrite"):
         rewrites = fold_batchnorm(gm) + fuse_clamping_activations(gm)
         _check_function(expected, traced, example_inputs, "tracing, BatchNorm folding and clamp fusion",
@@ -198,7 +203,7 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
         work = eval_copy(model, example_inputs)
         with timer.step("trace"):
             try:
-                traced = trace_float_graph(work, example_inputs)
+                gm, leaves = trace_model(work)
             except TraceError as error:
                 if options.mode is Mode.DYNAMIC:
                     quantized, summary = _quantize_dynamic_untraced(work, options, choice, error, timer)
@@ -208,6 +213,7 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
                 quantized, summary = regions.quantize_regions(work, example_inputs, calibration_data, options,
                                                               error, timer.seconds, _quantize_part)
                 return PipelineResult(_finish(quantized, summary, example_inputs))
+            traced = open_up(work, gm, leaves, example_inputs)
         if options.mode is Mode.DYNAMIC:
             return PipelineResult(_finish(*_quantize_dynamic(traced, example_inputs, options, choice, timer),
                                           example_inputs))
