@@ -34,6 +34,7 @@ from fxq.backend.weight_bits import measured_weight_grid
 from fxq.calibration import Batch, check_float_outputs, materialize, output_tensors, run_batches
 from fxq.config import Mode, QuantOptions, covered_modules
 from fxq.errors import FxqError, TraceError
+from fxq.frontend.canonicalize import canonicalize_layers
 from fxq.frontend.decompose import decompose_attention, may_decompose
 from fxq.frontend.graph import restore_output_type
 from fxq.frontend.identities import remove_eval_identities
@@ -151,6 +152,12 @@ def open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf], exampl
     if removed:
         rewrites.append(f"drop_eval_identity: {len(removed)} ops that return their input in eval mode "
                         f"({', '.join(removed[:3])}{', ...' if len(removed) > 3 else ''})")
+    # third-party layer code (SAME-padded conv subclasses, functional convs, shared activations) made to
+    # look like torchvision's, each rewrite checked against the float outputs; leaves it opened are traced
+    canonical = canonicalize_layers(gm, example_inputs)
+    opened = {record.modules[0] for record in canonical if record.applied and record.kind == "specialize_shapes"}
+    leaves = [leaf for leaf in leaves if leaf.module not in opened]
+    rewrites += [str(record) for record in canonical]
     return TracedModel(work, gm, leaves, rewrites, find_patterns(gm), expected)
 
 
@@ -273,7 +280,8 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
             island_modules = keep_islands_float(gm, plan)
     else:
         ops_in_float = float_ops(gm, None, leaves, keep_float)
-    float_keys = tuple(keep_float) + tuple(island_modules)  # recovery passes skip these layers
+    # recovery passes skip these layers (an untraceable leaf runs its own forward, not the layer's)
+    float_keys = tuple(keep_float) + tuple(island_modules) + tuple(non_traceable)
     on_simulation = options.bias_correction or options.optimize_rounding
     float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
     with timer.step("prepare"):

@@ -7,12 +7,19 @@ BatchNormAct2d), a weight recomputed from the parameter on every call (timm's St
 called by every block. Traced, these leave functional ops that BN folding, fusion, equalization and
 torch.ao's module swaps do not match, so the layers run float between quantize/dequantize pairs.
 
-`canonicalize_layers` rewrites them in place, one kind at a time (`_PASSES`, in order), into `call_module`
-nodes of plain nn.Conv1d/2d/3d, nn.Linear and nn.BatchNorm1d/2d/3d that share the user's parameters and
-are named after the module that owned them. After each kind the graph is run on the example inputs and
-compared with the float outputs from before any rewrite; a kind that changes them is undone and its
-rewrites are retried one by one, and whatever still changes them is reported with applied=False. Rewrites
-that fix a value for the traced input shape (SAME padding computed from `x.size()`) say so in `reason`.
+`canonicalize_layers` rewrites them in place, one kind after the other (`_PASSES`, in order), into
+`call_module` nodes of plain nn.Conv1d/2d/3d, nn.Linear and nn.BatchNorm1d/2d/3d that hold the user's
+tensors and are named after the module that owned them. Then the graph is run on the example inputs and
+compared with the float outputs from before any rewrite. If they differ, everything is undone and redone
+kind by kind with a check after each; a kind that changes the outputs is undone and its rewrites retried
+one by one, and whatever still changes them is reported with applied=False, never applied. Rewrites that
+fix a value for the traced input shape (SAME padding computed from `x.size()`) say so in `reason`.
+
+Call it on the traced eval-mode graph after eval no-ops are dropped (an nn.Identity left where
+efficientnet_pytorch's 1x1 convs keep their padding module would make them read as used elsewhere) and
+before pattern finding, BN folding and clamp fusion; eval mode only (PTQ). Leaves it opened (kind
+"specialize_shapes") are no longer untraceable: drop them from the float leaves, or the pipeline still
+treats those names as untraceable code (float-island plan, report, parts quantized inside leaves).
 """
 
 from __future__ import annotations
@@ -20,14 +27,16 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.node import map_arg
 
+from fxq.config import key_covers
 from fxq.frontend.graph import replace_module
 
 
@@ -205,7 +214,7 @@ class _Context:
         with torch.no_grad():
             try:
                 recorder.run(*inputs)
-            except Exception:  # noqa: BLE001 - see `run`
+            except Exception:  # see `run`
                 if not grown:
                     raise
                 return None
@@ -279,10 +288,6 @@ def _recompile(gm: fx.GraphModule) -> None:
 
 # --- small graph helpers -----------------------------------------------------------------------------
 
-def _within(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def _attribute(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     """The tensor a get_attr node reads, else None."""
     if not isinstance(node, fx.Node) or node.op != "get_attr":
@@ -331,16 +336,17 @@ def _place(gm: fx.GraphModule, owner: str, base: str, own_inputs: list[fx.Node])
     """Where a module built from `owner`'s tensors goes, and whether it replaces `owner`: at `owner` when
     nothing else in the graph reads it (module paths then read as in the user's model), else a new
     child of owner's container (`owner.conv`) or a sibling (`owner_1`)."""
-    others = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and n not in own_inputs
-              and _within(str(n.target), owner)] if owner else [None]
-    if not others:
+    if not owner:  # the model's own parameters
+        return _free_name(gm, base), False
+    if not any(n.op in ("get_attr", "call_module") and n not in own_inputs and key_covers([owner], str(n.target))
+               for n in gm.graph.nodes):
         return owner, True
-    if owner and _is_fresh(gm, owner):
+    if _is_fresh(gm, owner):
         return f"{owner}.{_free_name(gm.get_submodule(owner), base)}", False
     parent, _, last = owner.rpartition(".")
-    if owner and _is_fresh(gm, parent):
+    if _is_fresh(gm, parent):
         return (f"{parent}." if parent else "") + _free_name(gm.get_submodule(parent), last, start=1), False
-    return _free_name(gm, (owner.replace(".", "_") + "_" if owner else "") + base, start=1), False
+    return _free_name(gm, f"{owner.replace('.', '_')}_{base}"), False
 
 
 def _as_parameter(tensor: torch.Tensor, copy_it: bool) -> nn.Parameter:
@@ -353,7 +359,7 @@ def _held_elsewhere(gm: fx.GraphModule, tensor: torch.Tensor, owner: str) -> boo
     """True when `tensor` is also reachable under another path than `owner` (tied weights)."""
     for name, value in list(gm.named_parameters(remove_duplicate=False)) + \
             list(gm.named_buffers(remove_duplicate=False)):
-        if value is tensor and not _within(name.rpartition(".")[0], owner):
+        if value is tensor and not key_covers([owner], name.rpartition(".")[0]):
             return True
     return False
 
@@ -364,7 +370,9 @@ _WEIGHTED_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _is_weighted_subclass(module: nn.Module) -> bool:
-    return isinstance(module, _WEIGHTED_BASES) and type(module) not in _WEIGHTED_BASES
+    """A conv/linear subclass of another package (torch.ao's QAT and quantized layers are not opened)."""
+    return isinstance(module, _WEIGHTED_BASES) and type(module) not in _WEIGHTED_BASES \
+        and not type(module).__module__.startswith("torch.ao.")
 
 
 class _ShapedProxy(fx.Proxy):
@@ -406,8 +414,8 @@ class _ShapeFixingTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
 
-    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,  # noqa: ANN001
-                     proxy_factory_fn=None):  # noqa: ANN001 - torch.fx's signature
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,  # torch.fx's signature
+                     proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         value_args = map_arg(node.args, self.values.__getitem__)
@@ -497,6 +505,11 @@ def specialize_shapes(gm: fx.GraphModule, context: _Context, only: set[str] | No
         if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
             records.append(replace(record, reason="its code depends on the batch size"))
             continue
+        (output,) = [n for n in graphs[0].nodes if n.op == "output"]
+        if not isinstance(output.args[0], fx.Node) or \
+                sum(n.op == "placeholder" for n in graphs[0].nodes) != len(node.args):
+            records.append(replace(record, reason="returns several values or takes default arguments"))
+            continue
         shape = context.value(gm, node.args[0])
         _inline(gm, node, graphs[0], context)
         size = "x".join(map(str, shape.shape[2:])) if isinstance(shape, _TensorShape) else "?"
@@ -527,10 +540,8 @@ def _is_shape_source(node: fx.Node) -> bool:
 def _shape_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     derived: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if _is_shape_source(node):
-            derived.add(node)
-        elif node.op == "call_function" and node.target in _SHAPE_ARITHMETIC and node.all_input_nodes \
-                and all(i in derived for i in node.all_input_nodes):
+        if _is_shape_source(node) or (node.op == "call_function" and node.target in _SHAPE_ARITHMETIC
+                                      and node.all_input_nodes and all(i in derived for i in node.all_input_nodes)):
             derived.add(node)
     return derived
 
@@ -566,8 +577,10 @@ def fold_shape_values(gm: fx.GraphModule, context: _Context, only: set[str] | No
             gm.graph.erase_node(node)
             records.append(replace(record, applied=True, reason="shape assert holds for the traced shape"))
             continue
-        node.args = map_arg(node.args, lambda i: _plain(constants[i]) if i in constants else i)
-        node.kwargs = map_arg(node.kwargs, lambda i: _plain(constants[i]) if i in constants else i)
+        def constant(i: fx.Node, constants: dict[fx.Node, Any] = constants) -> Any:
+            return _plain(constants[i]) if i in constants else i
+
+        node.args, node.kwargs = map_arg(node.args, constant), map_arg(node.kwargs, constant)
         shape = context.value(gm, node.args[0])
         size = "x".join(map(str, shape.shape[2:])) if isinstance(shape, _TensorShape) else "?"
         records.append(replace(record, applied=True, reason=f"padding fixed for input {size}"))
@@ -608,9 +621,8 @@ def fold_parameters(gm: fx.GraphModule, context: _Context, only: set[str] | None
     """
     from_parameters: set[fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr" and _attribute(gm, node) is not None:
-            from_parameters.add(node)
-        elif node.all_input_nodes and all(i in from_parameters for i in node.all_input_nodes) and _pure(node):
+        if (node.op == "get_attr" and _attribute(gm, node) is not None) or (
+                node.all_input_nodes and all(i in from_parameters for i in node.all_input_nodes) and _pure(node)):
             from_parameters.add(node)
     frontier = [n for n in gm.graph.nodes if n in from_parameters and n.op != "get_attr"
                 and any(u not in from_parameters for u in n.users) and (only is None or n.name in only)]
@@ -851,6 +863,9 @@ def functions_as_modules(gm: fx.GraphModule, context: _Context, only: set[str] |
         node.replace_all_uses_with(call)
         context.replaced(call, node)
         gm.graph.erase_node(node)
+        for read in built.reads:  # they may name attributes of the module just replaced
+            if not read.users:
+                gm.graph.erase_node(read)
         records.append(Canonicalization(built.kind, (node.name,), (path,), True,
                                         "" if replaces else f"{owner or 'the model'} is also read elsewhere"))
     return records
@@ -887,6 +902,13 @@ def _conv_with_padding(conv: nn.Module, padding: tuple[int, ...]) -> nn.Module:
     module.weight = conv.weight
     module.bias = conv.bias
     return module.train(conv.training)
+
+
+# Asymmetric zero padding before a conv: folded as symmetric padding plus a crop (True), or kept as an
+# F.pad. torch.ao's native backend config lists neither F.pad nor nn.ZeroPad2d (only its executorch
+# config does), so a kept pad runs in float between a dequantize and a quantize, although F.pad on a
+# quantized tensor is exact (it pads with the zero point); torch.narrow shares its input's quantization.
+CROP_ASYMMETRIC_PADDING = True
 
 
 def fold_padding(gm: fx.GraphModule, context: _Context, only: set[str] | None) -> list[Canonicalization]:
@@ -926,6 +948,9 @@ def fold_padding(gm: fx.GraphModule, context: _Context, only: set[str] | None) -
             node.args = (pad.args[0],) + node.args[1:]
             gm.graph.erase_node(pad)
             records.append(replace(record, applied=True, reason=f"symmetric {tuple(widths)}"))
+            continue
+        if not CROP_ASYMMETRIC_PADDING:
+            records.append(replace(record, reason=f"asymmetric {tuple(widths)}: kept as F.pad"))
             continue
         shape = context.value(gm, pad.args[0])
         if not isinstance(shape, _TensorShape):
