@@ -145,9 +145,9 @@ def inspect(model: nn.Module, example_inputs: Any) -> Inspection:
     """Trace a copy of `model` and list the fusible patterns and the submodules that must stay float."""
     check_model(model)
     example_inputs = as_example_inputs(example_inputs, model)
-    traced = pipeline.trace_float_graph(pipeline.eval_copy(model, example_inputs), example_inputs)
+    patterns, leaves, graphs = pipeline.inspect_model(model, example_inputs)
     counts: dict[str, int] = {}
-    for _, module in traced.graph.named_modules():
+    for module in (m for graph in graphs for _, m in graph.named_modules()):
         if isinstance(module, WEIGHT_TYPES):
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
-    return Inspection(traced.patterns, traced.leaves, counts)
+    return Inspection(patterns, leaves, counts)

@@ -36,7 +36,7 @@ from fxq.config import Mode, QuantOptions, covered_modules
 from fxq.errors import FxqError, TraceError
 from fxq.frontend.canonicalize import canonicalize_layers
 from fxq.frontend.decompose import decompose_attention, may_decompose
-from fxq.frontend.graph import restore_output_type
+from fxq.frontend.graph import replace_module, restore_output_type
 from fxq.frontend.identities import remove_eval_identities
 from fxq.frontend.inplace import check_state_kept, describe_rewrites, remove_inplace_ops, state_versions
 from fxq.frontend.islands import find_float_islands, keep_islands_float
@@ -47,9 +47,9 @@ from fxq.recovery.equalization import equalize
 from fxq.recovery.layers import copy_biases
 from fxq.recovery.rounding import optimize_rounding
 from fxq.recovery.simulation_pass import recover_on_simulation
-from fxq.summary import QuantizationSummary, attach
+from fxq.summary import QuantizationSummary, attach, summary_of
 from fxq.summary.assembly import (dynamic_output_rewrites, engine_summary, float_layers_after, float_ops,
-                                  untraceable_ops, with_parts)
+                                  regions_summary, untraceable_ops, with_parts)
 from fxq.validate import run_example
 
 # A rewrite of the float graph changes float rounding only (equalization rescales channels): its outputs
@@ -356,17 +356,30 @@ class QatRun:
     options: QuantOptions
     choice: engine.EngineChoice
     leaves: list[FloatLeaf]
+    # a model whose forward does not trace: each region prepared on its own, by name
+    regions: dict[str, "QatRun"] = field(default_factory=dict)
 
 
 def prepare_qat_model(model: nn.Module, example_inputs: Batch, options: QuantOptions) -> tuple[nn.Module, QatRun]:
     """A trainable fake-quantized copy of `model`, traced in train mode (training-only branches such as
-    dropout and auxiliary heads stay in the graph), BatchNorm folded during training."""
+    dropout and auxiliary heads stay in the graph), BatchNorm folded during training. A model whose own
+    forward does not trace gets each traceable region prepared in its place."""
     choice = engine.select_engine(options)
     with seeded(options.seed):
         work = copy.deepcopy(model).eval()
         run_example(work, example_inputs)
-        work.train()
-        traced = trace_float_graph(work, example_inputs)
+        try:
+            gm, leaves = trace_model(work.train())
+        except TraceError as error:
+            def prepare_part(name: str, part: nn.Module, part_inputs: Batch) -> QatRun:
+                prepared, run = prepare_qat_model(part, part_inputs, options.scoped_to(name))
+                regions.keep_plain_attributes(part, prepared)
+                replace_module(work, name, prepared)
+                return run
+
+            parts, around = regions.for_each_region(work.eval(), example_inputs, error, prepare_part)
+            return work.train(), QatRun(options, choice, around, parts)
+        traced = open_up(work, gm, leaves, example_inputs)
         prepared = engine.prepare_qat(traced.graph, example_inputs, choice, options.keep_float,
                                       [leaf.module for leaf in traced.leaves])
     return prepared, QatRun(options, choice, traced.leaves)
@@ -374,9 +387,41 @@ def prepare_qat_model(model: nn.Module, example_inputs: Batch, options: QuantOpt
 
 def convert_qat(trained: nn.Module, run: QatRun) -> nn.Module:
     """The int8 model of a trained QAT model (a copy in eval mode is converted), with its summary."""
+    if run.regions:
+        model = copy.deepcopy(trained).eval()
+        for name, part_run in run.regions.items():
+            part = convert_qat(model.get_submodule(name), part_run)
+            regions.keep_plain_attributes(trained.get_submodule(name), part)
+            replace_module(model, name, part)
+        parts = {name: summary_of(model.get_submodule(name)) for name in run.regions}
+        attach(model, regions_summary(run.options, model, run.leaves, parts, {},
+                                      f"{type(model).__name__}.forward does not trace; trained and converted "
+                                      f"separately: {', '.join(parts)}"))
+        return model
     quantized = engine.convert(copy.deepcopy(trained).eval(), run.choice)
     dynamic_outputs = dynamic_output_linears(quantized, run.choice.engine)
     attach(quantized, engine_summary(run.options, run.choice,
                                      float_layers=float_layers_after(quantized, run.leaves, run.options.keep_float),
                                      rewrites=dynamic_output_rewrites(dynamic_outputs)))
     return quantized
+
+
+# --- inspection ------------------------------------------------------------------------------------
+
+def inspect_model(model: nn.Module, example_inputs: Batch) -> tuple[list[FoundPattern], list[FloatLeaf],
+                                                                     list[fx.GraphModule]]:
+    """The patterns fxq fuses, the untraceable modules and the traced graphs of a copy of `model`; for a
+    model whose forward does not trace, of each region (patterns and leaves named from the model's root)."""
+    work = eval_copy(model, example_inputs)
+    try:
+        gm, leaves = trace_model(work)
+    except TraceError as error:
+        traced_parts, around = regions.for_each_region(
+            work, example_inputs, error, lambda name, part, part_inputs: trace_float_graph(part, part_inputs))
+        patterns = [FoundPattern(found.pattern, tuple(f"{name}.{node}" for node in found.nodes))
+                    for name, traced in traced_parts.items() for found in traced.patterns]
+        leaves = around + [FloatLeaf(f"{name}.{leaf.module}", leaf.reason)
+                           for name, traced in traced_parts.items() for leaf in traced.leaves]
+        return patterns, leaves, [traced.graph for traced in traced_parts.values()]
+    traced = open_up(work, gm, leaves, example_inputs)
+    return traced.patterns, traced.leaves, [traced.graph]

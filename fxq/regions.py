@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fxq.calibration import Batch, check_float_outputs, materialize
 from fxq.config import QuantOptions
@@ -26,9 +26,11 @@ from fxq.summary.assembly import regions_summary
 
 # quantize_part(module, example arguments, calibration batches, options) -> its int8 module (with a summary)
 QuantizePart = Callable[[nn.Module, Batch, list[Batch], QuantOptions], nn.Module]
+# work_on_part(name, module, example arguments) -> whatever the caller builds for that part
+WorkOnPart = Callable[[str, nn.Module, Batch], Any]
 
 
-def _capture_calls(work: nn.Module, parts: list[str], runs: list[Batch]) -> dict[str, list[list[tuple | None]]]:
+def capture_calls(work: nn.Module, parts: list[str], runs: list[Batch]) -> dict[str, list[list[tuple | None]]]:
     """Per part, per run: the positional arguments of each call (None for a call with keywords)."""
     calls: dict[str, list[list[tuple | None]]] = {name: [] for name in parts}
     handles = []
@@ -54,7 +56,7 @@ def quantize_parts(work: nn.Module, target: nn.Module, parts: list[str], around:
     """Quantize each named traceable part of the float model `work` on the arguments it receives when
     `work` runs `runs` (the first run is the example), and put the int8 part into `target` under the same
     name. Parts that cannot be quantized are added to `around` with the reason."""
-    calls = _capture_calls(work, parts, runs)
+    calls = capture_calls(work, parts, runs)
     summaries = {}
     for name in parts:
         example_calls = calls[name][0]
@@ -68,19 +70,28 @@ def quantize_parts(work: nn.Module, target: nn.Module, parts: list[str], around:
         except FxqError as failure:
             around.append(FloatLeaf(name, f"not quantized: {failure}"[:300]))
             continue
-        _keep_plain_attributes(work.get_submodule(name), quantized)
+        keep_plain_attributes(work.get_submodule(name), quantized)
         summaries[name] = summary_of(quantized)
         options = options.replace(backend=summaries[name].engine)  # every part on the first one's engine
         replace_module(target, name, quantized)
     return summaries
 
 
-def _keep_plain_attributes(original: nn.Module, quantized: nn.Module) -> None:
+def keep_plain_attributes(original: nn.Module, quantized: nn.Module) -> None:
     """Copy the plain attributes the model's own Python code may read from a part (ultralytics' layer loop
-    reads `m.f`, `m.i`, `m.type` of each layer) onto its int8 replacement."""
-    for key, value in vars(original).items():
-        if not key.startswith("_") and not hasattr(quantized, key):
-            setattr(quantized, key, value)
+    reads `m.f`, `m.i`, `m.type` of each layer) onto its int8 replacement, so that they also survive a
+    deep copy of a GraphModule (which keeps only what its meta's preserved-attributes entry names; torch.ao's
+    `set_preserved_attributes` uses the same entry)."""
+    kept = {key: value for key, value in vars(original).items()
+            if not key.startswith("_") and not hasattr(quantized, key)}
+    for key, value in kept.items():
+        setattr(quantized, key, value)
+    if kept and isinstance(quantized, fx.GraphModule):
+        quantized.meta.setdefault(_PRESERVED_ATTRIBUTES, {}).update(kept)
+
+
+# The GraphModule.meta key whose attributes GraphModule.__deepcopy__ sets again on the copy.
+_PRESERVED_ATTRIBUTES = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 
 
 def quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
@@ -115,3 +126,24 @@ def quantize_inside_leaves(work: nn.Module, quantized: nn.Module, leaves: list[F
     summaries = quantize_parts(work, quantized, parts, around, runs, options, quantize_part) if parts else {}
     return around, summaries
 
+
+def for_each_region(work: nn.Module, example_inputs: Batch, error: TraceError,
+                    work_on_part: WorkOnPart) -> tuple[dict[str, Any], list[FloatLeaf]]:
+    """`work_on_part` on each traceable region of `work` (whose own forward raised `error`), given the
+    arguments the region receives when `work` runs the example inputs: the other modes' way through a
+    model quantize handles with `quantize_regions` (QAT prepares each region, inspect lists its patterns).
+    Returns the results by region and the untraceable modules around them. Raises `error` when nothing
+    inside traces either."""
+    reason = str(error.__cause__ or error).splitlines()[0][:200]
+    regions, around = find_regions(work, reason)
+    if not regions:
+        raise error
+    calls = capture_calls(work, regions, [example_inputs])
+    results = {}
+    for name in regions:
+        first = calls[name][0][0] if calls[name][0] else None
+        if first is None:
+            around.append(FloatLeaf(name, "not called, or called with keyword arguments, on the example inputs"))
+            continue
+        results[name] = work_on_part(name, work.get_submodule(name), first)
+    return results, around

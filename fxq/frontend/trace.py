@@ -61,6 +61,9 @@ def _find_blockers(module: nn.Module, name: str, leaf_names: set[str]) -> list[F
     blockers: list[FloatLeaf] = []
     for child_name, child in module.named_children():
         full_name = prefix + child_name
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called itself: look at its items
+            blockers.extend(_find_blockers(child, full_name, leaf_names))
+            continue
         if full_name in leaf_names or LeafTracer(set()).is_leaf_module(child, full_name):
             continue
         if _trace_error(child, leaf_names, full_name + ".") is None:
@@ -122,6 +125,9 @@ def find_regions(model: nn.Module, reason: str) -> tuple[list[str], list[FloatLe
                 continue
             if isinstance(child, _WEIGHTED):
                 regions.append(name)
+                continue
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called itself: its items are
+                visit(child, name + ".")
                 continue
             try:
                 _, leaves = trace_model(child)

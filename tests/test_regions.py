@@ -1,0 +1,114 @@
+"""Models whose own forward does not trace: every mode works on their traceable regions."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+import fxq
+from fxq.backend.op_kinds import weighted_layers
+from fxq.frontend.trace import trace_model
+from helpers import assert_state_unchanged, sqnr, state_snapshot
+
+
+class Gate(nn.Module):
+    """Branches on data: cannot be traced, so it stays a float leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if bool(x.mean() > -100) else x
+
+
+class LoopOverLayers(nn.Module):
+    """A top-level forward that reads plain attributes of its layers in a Python loop, as ultralytics'
+    detection models do (`m.f` says which earlier output a layer reads), and branches on data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(16, 4, 1)),
+        ])
+        for index, layer in enumerate(self.layers):
+            layer.f = [-1, 0] if index == 2 else -1  # inputs: the previous output, or a list of them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for layer in self.layers:
+            inputs = torch.cat([outputs[i] if i >= 0 else x for i in layer.f], 1) if isinstance(layer.f, list) else x
+            x = layer(inputs)
+            outputs.append(x)
+        return x if bool(x.abs().sum() > 0) else -x
+
+
+def _photos(seed: int, count: int = 4) -> list[torch.Tensor]:
+    from fxq.samples import random_crops
+
+    return list(random_crops(4 * count, seed=seed, size=32).split(4))
+
+
+def test_blocks_inside_a_module_list_become_float_leaves_and_the_rest_traces():
+    class Blocks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 1), Gate(), nn.Conv2d(8, 8, 1)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    gm, leaves = trace_model(Blocks())
+    assert [leaf.module for leaf in leaves] == ["blocks.1"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["blocks.0", "blocks.1", "blocks.2"]
+
+
+def test_static_regions_keep_the_attributes_the_models_own_loop_reads():
+    torch.manual_seed(0)
+    model = LoopOverLayers().eval()
+    snapshot = state_snapshot(model)
+    calibration, evaluation = _photos(1), _photos(2)
+    quantized = fxq.quantize(model, calibration[0][:1], calibration_data=calibration)
+    assert_state_unchanged(model, snapshot)
+    assert quantized.layers[2].f == [-1, 0] and copy.deepcopy(quantized).layers[2].f == [-1, 0]
+    layers = weighted_layers(quantized)
+    assert len(layers.int8) >= 2
+    reasons = dict(fxq.summary_of(quantized).float_layers)
+    assert all(reasons.get(name) for name in layers.float), (layers.float, reasons)
+    with torch.no_grad():
+        assert sqnr(torch.cat([model(b) for b in evaluation]), torch.cat([quantized(b) for b in evaluation])) > 25.0
+
+
+def test_qat_trains_and_converts_each_region_of_an_untraceable_model():
+    torch.manual_seed(0)
+    model = LoopOverLayers().eval()
+    calibration, evaluation = _photos(1), _photos(2)
+    prepared = fxq.prepare_qat(model, calibration[0][:1])
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=1e-4)
+    for batch in calibration:  # a few steps towards the float model's own outputs
+        with torch.no_grad():
+            target = model(batch)
+        loss = (prepared(batch) - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    quantized = fxq.convert(prepared)
+    assert len(weighted_layers(quantized).int8) >= 2 and quantized.layers[2].f == [-1, 0]
+    assert any("trained and converted separately" in note for note in fxq.summary_of(quantized).notes)
+    prepared.eval()  # the trained fake-quantized model: what convert must reproduce in int8
+    with torch.no_grad():  # measured 24.3 dB: fake quantization and the int8 kernels round differently
+        assert sqnr(torch.cat([prepared(b) for b in evaluation]), torch.cat([quantized(b) for b in evaluation])) > 20.0
+
+
+def test_inspect_lists_the_patterns_of_each_region():
+    inspection = fxq.inspect(LoopOverLayers().eval(), torch.randn(1, 3, 16, 16))
+    assert {p.pattern for p in inspection.patterns} >= {"conv-bn-relu"}
+    assert any(node.startswith("layers.0.") for p in inspection.patterns for node in p.nodes)
+    assert inspection.float_leaves[0].module == ""  # the top-level forward, with its reason
+    assert inspection.layer_counts == {"Conv2d": 3}
