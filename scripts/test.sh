@@ -4,7 +4,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-bash scripts/install.sh
+# The optional extras are tested too: third-party model code (timm, efficientnet_pytorch, transformers).
+FXQ_EXTRAS="${FXQ_EXTRAS:-test,models}" bash scripts/install.sh
 # On a shared or busy machine, OpenMP threads that spin while waiting slow everything down (a
 # sensitivity benchmark took 242 s instead of 28 s); PASSIVE makes them sleep.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
