@@ -199,7 +199,8 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
 
 def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
                    options: QuantOptions, *, keep_float_graph: bool = False) -> PipelineResult:
-    """Quantize a copy of `model` (static or dynamic; inputs already validated) and attach its summary.
+    """Quantize a copy of `model` (static or dynamic; inputs already validated; QAT goes through
+    `prepare_qat_model`) and attach its summary.
 
     With `keep_float_graph`, the result also carries a copy of the float graph that was quantized, for
     measurements against it (fxq.sensitivity).
@@ -214,11 +215,9 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
             except TraceError as error:
                 if options.mode is Mode.DYNAMIC:
                     quantized, summary = _quantize_dynamic_untraced(work, options, choice, error, timer)
-                    return PipelineResult(_finish(quantized, summary, example_inputs))
-                if options.mode is not Mode.STATIC:
-                    raise
-                quantized, summary = regions.quantize_regions(work, example_inputs, calibration_data, options,
-                                                              error, timer.seconds, _quantize_part)
+                else:
+                    quantized, summary = regions.quantize_regions(work, example_inputs, calibration_data,
+                                                                  options, error, timer.seconds, _quantize_part)
                 return PipelineResult(_finish(quantized, summary, example_inputs))
             traced = open_up(work, gm, leaves, example_inputs)
         if options.mode is Mode.DYNAMIC:

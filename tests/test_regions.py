@@ -9,7 +9,6 @@ from torch import nn
 
 import fxq
 from fxq.backend.op_kinds import weighted_layers
-from fxq.frontend.trace import trace_model
 from helpers import assert_state_unchanged, sqnr, state_snapshot
 
 
@@ -51,22 +50,6 @@ def _photos(seed: int, count: int = 4) -> list[torch.Tensor]:
     from fxq.samples import random_crops
 
     return list(random_crops(4 * count, seed=seed, size=32).split(4))
-
-
-def test_blocks_inside_a_module_list_become_float_leaves_and_the_rest_traces():
-    class Blocks(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 1), Gate(), nn.Conv2d(8, 8, 1)])
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for block in self.blocks:
-                x = block(x)
-            return x
-
-    gm, leaves = trace_model(Blocks())
-    assert [leaf.module for leaf in leaves] == ["blocks.1"]
-    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["blocks.0", "blocks.1", "blocks.2"]
 
 
 def test_static_regions_keep_the_attributes_the_models_own_loop_reads():

@@ -9,6 +9,7 @@ the largest traceable submodules inside, which fxq quantizes one by one.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -40,6 +41,23 @@ class LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _trace(tracer: fx.Tracer, module: nn.Module) -> fx.Graph:
+    """`tracer.trace(module)`, leaving the module's plain dict and list attributes as they were: a forward
+    that caches a computed tensor there (timm's LeViT and EfficientFormer keep attention biases in a dict
+    in eval mode) would otherwise hand the next trace a value of this trace's graph."""
+    saved = [(value, copy.copy(value)) for m in module.modules() for key, value in vars(m).items()
+             if not key.startswith("_") and isinstance(value, (dict, list))]
+    try:
+        return tracer.trace(module)
+    finally:
+        for value, before in saved:
+            if isinstance(value, dict) and value != before:
+                value.clear()
+                value.update(before)
+            elif isinstance(value, list) and value != before:
+                value[:] = before
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
@@ -49,7 +67,7 @@ def _trace_error(module: nn.Module, leaf_names: set[str], prefix: str) -> BaseEx
     """The exception tracing `module` raises (with `leaf_names` as leaves), or None when it traces."""
     local_leaves = {name[len(prefix):] for name in leaf_names if name.startswith(prefix)}
     try:
-        LeafTracer(local_leaves).trace(module)
+        _trace(LeafTracer(local_leaves), module)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is what we are looking for
         return exc
     return None
@@ -95,7 +113,7 @@ def trace_model(model: nn.Module, extra_leaves: set[str] | None = None) -> tuple
             "is in the top-level forward, not in a submodule fxq could keep in float. Move the data-dependent "
             "code into a submodule, or quantize a traceable submodule instead"
         ) from error
-    graph = LeafTracer(leaf_names).trace(model)
+    graph = _trace(LeafTracer(leaf_names), model)
     for node in graph.nodes:
         # Annotations are copied into generated code; a postponed one ('torch.Tensor' as a string under
         # `from __future__ import annotations`) becomes a name TorchScript cannot resolve when saving.
