@@ -6,6 +6,9 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
+import fxq
 
 from fxq.backend.engine import fake_quantize_weight
 from fxq.frontend.rewrite import Clamp, fold_batchnorm, fuse_clamping_activations
@@ -287,3 +290,17 @@ def test_held_out_shrinkage_beats_the_full_refit(simulated, eval_crops, mobilene
         with torch.no_grad():
             scores[folds] = _sqnr(mobilenet(eval_crops), model(eval_crops))
     assert scores[rounding.FOLDS] > scores[1], scores
+
+
+def test_a_depthwise_conv_with_a_channel_multiplier_quantizes():
+    """FastViT's depthwise convs have two output channels per input channel (groups = in_channels, out =
+    2 x in): optimized rounding keeps them on nearest rounding instead of failing on the shapes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=16),
+                          nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(4)]
+    quantized = fxq.quantize(model, batches[0][:1], calibration_data=batches)
+    assert fxq.summary_of(quantized).rounded_layers == 2  # the multiplier conv is not among them
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert _sqnr(model(x), quantized(x)) > 25.0

@@ -28,9 +28,10 @@ def weighted_nodes(gm: fx.GraphModule,
 
 
 def is_depthwise(layer: nn.Module) -> bool:
-    """A conv with one input channel per group and as many groups as input channels."""
+    """A conv with one input and one output channel per group (channel i in, channel i out). A depthwise
+    conv with a channel multiplier (FastViT's: out = 2 x in) is a grouped conv to the recovery passes."""
     return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.groups > 1 \
-        and layer.groups == layer.in_channels and layer.weight.shape[1] == 1
+        and layer.groups == layer.in_channels == layer.out_channels and layer.weight.shape[1] == 1
 
 
 def non_channel_dims(output: torch.Tensor, layer: nn.Module | None = None) -> list[int]:
