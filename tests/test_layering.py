@@ -24,7 +24,7 @@ LAYERS = [
     ["fxq.analysis"],
     ["fxq.mixed_precision"],
     ["fxq.api"],
-    ["fxq.report", "fxq.serialize", "fxq.cli", "fxq.__main__", "fxq"],
+    ["fxq.report", "fxq.export", "fxq.serialize", "fxq.cli", "fxq.__main__", "fxq"],
 ]
 
 
