@@ -491,3 +491,29 @@ def test_efficientnets_from_packages(build, conv_subclass_leaves: int, pads: int
     assert_same_outputs(model, gm, x)
     assert len(fold_batchnorm(gm)) == 49 and batchnorms(gm) == 0
     assert_same_outputs(model, gm, x)
+
+
+class WeightDevice(nn.Module):
+    """Builds a mask on its conv weight's device, as EdgeNeXt's and XCiT's positional encodings do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros((x.shape[0], 1, x.shape[2], x.shape[3]), device=self.conv.weight.device,
+                           dtype=self.conv.weight.dtype)
+        return self.conv(x) + mask
+
+
+def test_a_weights_device_and_dtype_become_constants_and_the_int8_model_runs_and_saves(tmp_path):
+    import fxq
+
+    model = WeightDevice().eval()
+    batches = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    quantized = fxq.quantize(model, batches[0], calibration_data=batches)
+    assert any(r.startswith("fold_parameter_properties") for r in fxq.summary_of(quantized).rewrites)
+    with torch.no_grad():
+        expected = quantized(batches[0])
+        fxq.save(quantized, tmp_path / "model.pt")
+        assert torch.equal(fxq.load(tmp_path / "model.pt")(batches[0]), expected)

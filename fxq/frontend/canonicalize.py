@@ -1049,8 +1049,26 @@ def split_shared_modules(gm: fx.GraphModule, context: _Context, only: set[str] |
 # Order matters: leaves are opened before shape values are folded, parameters are folded before convs
 # read them, pad modules become functions before their owner turns into a conv module, and pads are
 # folded into conv modules.
-_PASSES: tuple[Rewriter, ...] = (specialize_shapes, fold_shape_values, fold_parameters, pads_as_functions,
-                                 functions_as_modules, fold_padding, split_shared_modules)
+def fold_parameter_properties(gm: fx.GraphModule, context: _Context, only: set[str] | None) -> list[Canonicalization]:
+    """`self.conv.weight.device` / `.dtype` (EdgeNeXt's and XCiT's positional encodings build tensors on the
+    weight's device) become constants: after convert the int8 conv's `weight` is a method, so the read
+    fails, and fxq only quantizes CPU float32 models, so the values are known."""
+    records = []
+    for node in list(gm.graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.target is getattr and len(node.args) == 2 \
+            else None
+        tensor = _attribute(gm, source)
+        if tensor is None or node.args[1] not in ("device", "dtype") or (only is not None and node.name not in only):
+            continue
+        node.replace_all_uses_with(getattr(tensor, node.args[1]))
+        gm.graph.erase_node(node)
+        records.append(Canonicalization("fold_parameter_properties", (node.name,), (str(source.target),), True,
+                                        f".{node.args[1]} is {getattr(tensor, node.args[1])}"))
+    return records
+
+
+_PASSES: tuple[Rewriter, ...] = (specialize_shapes, fold_shape_values, fold_parameter_properties, fold_parameters,
+                                 pads_as_functions, functions_as_modules, fold_padding, split_shared_modules)
 
 
 __all__ = ["Canonicalization", "canonicalize_layers"]
