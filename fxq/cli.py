@@ -150,6 +150,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     quantized = fxq.quantize(model, example_inputs, calibration_data=calibration, **_quantize_options(args))
     saved = fxq.save(quantized, args.out)
     print(f"fxq: saved int8 model to {saved}", file=sys.stderr)
+    if args.onnx:
+        print(f"fxq: wrote ONNX QDQ model to {fxq.export_onnx(quantized, args.onnx, example_inputs)}", file=sys.stderr)
     evaluation = load_data(args.data, args.calibration_size, args.input_shape, EVAL_SEED)
     print(_render(compare_models(model, quantized, example_inputs, eval_data=evaluation,
                                     threads=args.threads), args.format))
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(quantize)
     _add_quantize_arguments(quantize)
     quantize.add_argument("--out", required=True, metavar="FILE", help="where to save the int8 model (fxq.save)")
+    quantize.add_argument("--onnx", metavar="FILE", help="also write the int8 model as ONNX QDQ (fxq.export_onnx; "
+                                                          "extra [onnx])")
     quantize.set_defaults(run=run_quantize)
 
     report = commands.add_parser("report", help="compare a saved int8 model with its float model")

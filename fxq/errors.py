@@ -61,3 +61,7 @@ class MissingExtraError(FxqError, ImportError):
 
     def __init__(self, package: str, purpose: str) -> None:
         super().__init__(f"{purpose} needs the optional package '{package}'; install it with pip")
+
+
+class ExportError(FxqError):
+    """The int8 model holds something the ONNX export cannot write faithfully; the message names it."""

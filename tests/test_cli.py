@@ -54,6 +54,13 @@ def test_quantize_then_report_in_process(tmp_path, capsys):
     assert "|" in markdown and "SQNR dB" in markdown
 
 
+def test_quantize_also_writes_onnx(tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    assert main(["quantize", *TINY, "--out", str(tmp_path / "tiny.pt"), "--onnx", str(tmp_path / "tiny.onnx")]) == 0
+    model = onnx.load(str(tmp_path / "tiny.onnx"))
+    assert any(node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["quantize", "tests.cli_models:not_a_model", "--out", "x.pt"], "not a torch.nn.Module"),
     (["quantize", "tests.no_such_module:tiny", "--out", "x.pt"], "no_such_module"),

@@ -2,10 +2,11 @@
 
     fxq.export_onnx(int8_model, "model.onnx", example_inputs)
 
-writes a standard ONNX QDQ model that ONNX Runtime, OpenVINO and TensorRT run with their int8 kernels.
+writes a standard ONNX QDQ model (uint8 activations, int8 per-channel weights) that ONNX Runtime and
+OpenVINO run with their int8 kernels. Design and measurements: docs/design/onnx-export.md.
 """
 
-from fxq.export.graph import ExportError
+from fxq.errors import ExportError
 from fxq.export.onnx_qdq import export_onnx
 
-__all__ = ["export_onnx", "ExportError"]
+__all__ = ["ExportError", "export_onnx"]

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
+from torch.utils import _pytree as pytree  # private, but what fx itself uses to walk nested values
 
 from fxq.export.graph import OPSET, ExportError, OnnxGraph
 
@@ -71,26 +71,29 @@ def float_twin(module: nn.Module) -> nn.Module | None:
     return None
 
 
-# torch.ops.quantized functions without weights -> their float computation (output grid arguments dropped)
+# torch.ops.quantized functions without weights -> their float computation; parameter names follow the ops'
+# schemas (torch.ao passes some as keywords), the output grid (output_scale, output_zero_point) is dropped
 FLOAT_FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "quantized.hardswish": lambda x, scale, zero_point: F.hardswish(x),
-    "quantized.elu": lambda x, scale, zero_point, alpha=1.0, out=1.0, inner=1.0: out * F.elu(inner * x, alpha),
-    "quantized.celu": lambda x, scale, zero_point, alpha=1.0: F.celu(x, alpha),
-    "quantized.leaky_relu": lambda x, slope, inplace, scale, zero_point: F.leaky_relu(x, slope),
-    "quantized.sigmoid": lambda x, scale, zero_point: torch.sigmoid(x),
-    "quantized.softmax": lambda x, dim, scale, zero_point: torch.softmax(x, dim),
-    "quantized.relu6": lambda x, inplace=False: F.relu6(x),
-    "quantized.clamp": lambda x, low=None, high=None: torch.clamp(x, low, high),
-    "quantized.threshold": lambda x, threshold, value: F.threshold(x, threshold, value),
-    "quantized.cat": lambda tensors, dim, scale=None, zero_point=None: torch.cat(tensors, dim),
-    "quantized.layer_norm": lambda x, shape, weight, bias, eps, scale, zero_point:
-        F.layer_norm(x, shape, weight, bias, eps),
-    "quantized.group_norm": lambda x, groups, weight, bias, eps, scale, zero_point:
-        F.group_norm(x, groups, weight, bias, eps),
-    "quantized.instance_norm": lambda x, weight, bias, eps, scale, zero_point:
-        F.instance_norm(x, weight=weight, bias=bias, eps=eps),
-    **{f"quantized.batch_norm{d}d": lambda x, weight, bias, mean, var, eps, scale, zero_point:
-        F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps) for d in (1, 2, 3)},
+    "quantized.hardswish": lambda input, output_scale, output_zero_point: F.hardswish(input),
+    "quantized.elu": lambda self, output_scale, output_zero_point, alpha=1.0, scale=1.0, input_scale=1.0:
+        scale * F.elu(input_scale * self, alpha),
+    "quantized.celu": lambda self, output_scale, output_zero_point, alpha=1.0: F.celu(self, alpha),
+    "quantized.leaky_relu": lambda qx, negative_slope, inplace, output_scale, output_zero_point:
+        F.leaky_relu(qx, negative_slope),
+    "quantized.sigmoid": lambda qx, output_scale, output_zero_point: torch.sigmoid(qx),
+    "quantized.softmax": lambda qx, dim, output_scale, output_zero_point: torch.softmax(qx, dim),
+    "quantized.relu6": lambda qx, inplace=False: F.relu6(qx),
+    "quantized.clamp": lambda qx, min=None, max=None: torch.clamp(qx, min, max),
+    "quantized.threshold": lambda qx, threshold, value: F.threshold(qx, threshold, value),
+    "quantized.cat": lambda qx, dim, scale=None, zero_point=None: torch.cat(qx, dim),
+    "quantized.layer_norm": lambda input, normalized_shape, weight, bias, eps, output_scale, output_zero_point:
+        F.layer_norm(input, normalized_shape, weight, bias, eps),
+    "quantized.group_norm": lambda input, num_groups, weight, bias, eps, output_scale, output_zero_point:
+        F.group_norm(input, num_groups, weight, bias, eps),
+    "quantized.instance_norm": lambda input, weight, bias, eps, output_scale, output_zero_point:
+        F.instance_norm(input, weight=weight, bias=bias, eps=eps),
+    **{f"quantized.batch_norm{d}d": lambda qx, weight, bias, mean, var, eps, output_scale, output_zero_point:
+        F.batch_norm(qx, mean, var, weight, bias, False, 0.0, eps) for d in (1, 2, 3)},
 }
 
 
@@ -98,60 +101,47 @@ def class_path(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-class _Call(nn.Module):
-    """`function(*args, **kwargs)` with the tensors of the arguments as forward's inputs (the module, when
-    there is one, is registered so its parameters are exported as initializers)."""
+class Function(nn.Module):
+    """A function as a module, so that a graph can call it whatever its name (lambdas included)."""
 
-    def __init__(self, function: Callable[..., Any], arguments: Any, slots: list[bool], module: nn.Module | None):
+    def __init__(self, function: Callable[..., Any]) -> None:
         super().__init__()
-        self.function, self.arguments, self.slots, self.module = function, arguments, slots, module
+        self.function = function
 
-    def forward(self, *tensors: torch.Tensor) -> Any:
-        leaves, spec = pytree.tree_flatten(self.arguments)
-        feed = iter(tensors)
-        args, kwargs = pytree.tree_unflatten([next(feed) if slot else leaf for leaf, slot in zip(leaves, self.slots)],
-                                             spec)
-        return (self.module if self.module is not None else self.function)(*args, **kwargs)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
 
 
-def splice_float_call(g: OnnxGraph, where: str, function: Callable[..., Any], arguments: tuple[tuple, dict],
-                      inputs: list[tuple[str, torch.Tensor]], dynamic_batch: bool, module: nn.Module | None = None
-                      ) -> list[str]:
-    """Trace `function(*args, **kwargs)` with torch.onnx.export and add its nodes to `g`.
+def splice_traced(g: OnnxGraph, where: str, call: nn.Module, inputs: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Trace `call(*example tensors)` with torch.onnx.export (batch dimension dynamic) and add its nodes to `g`.
 
-    `arguments` holds the call's arguments with a `SLOT` where each of `inputs` goes: (ONNX tensor name,
-    example float tensor). Returns the ONNX names of the call's output tensors, in pytree order.
+    `inputs` pairs each of call's inputs with the ONNX tensor that feeds it: (name, example float tensor).
+    Returns the ONNX names of the call's output tensors, in pytree order.
     """
-    leaves, _ = pytree.tree_flatten(arguments)
-    slots = [leaf is SLOT for leaf in leaves]
-    call = _Call(function, arguments, slots, module).eval()
     examples = tuple(tensor for _, tensor in inputs)
     with torch.no_grad():
-        outputs, _ = pytree.tree_flatten(call(*examples))
+        outputs = pytree.tree_leaves(call(*examples))
     input_names = [f"in_{i}" for i in range(len(inputs))]
     output_names = [f"out_{i}" for i in range(len(outputs))]
     dynamic_axes = {name: {0: "batch"} for name, tensor in zip(input_names + output_names, [*examples, *outputs])
-                    if tensor.dim() > 0} if dynamic_batch else None
+                    if isinstance(tensor, torch.Tensor) and tensor.dim() > 0}
     buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            warnings.simplefilter("error", torch.jit.TracerWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             torch.onnx.export(call, examples, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
                               output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
-    except torch.jit.TracerWarning as warning:
-        raise ExportError(f"{where}: runs Python code that a trace cannot follow ({str(warning).splitlines()[0]}); "
-                          "the ONNX graph would hold only the branch the example inputs took. Rewrite it without "
-                          "data-dependent control flow, or keep it out of the exported model") from None
-    except Exception as error:
-        raise ExportError(f"{where}: torch.onnx.export cannot export it ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); make it traceable with plain "
-                          "tensor ops, or keep it out of the exported model") from error
+        except Exception as error:
+            raise ExportError(f"{where}: torch.onnx.export cannot export it ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); write it with plain tensor "
+                              "ops that torch.onnx.export supports to export the model") from error
+    tracer_warnings = [str(w.message).split(". ")[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+    if tracer_warnings:
+        raise ExportError(f"{where}: runs Python code a trace cannot follow ({tracer_warnings[0]}); the ONNX graph "
+                          "would hold only the path the example inputs took. Write it with tensor ops a trace records "
+                          "(torch.where instead of a Python if on a tensor's value or shape) to export the model")
     return _splice(g, where, g.onnx.load_from_string(buffer.getvalue()), [name for name, _ in inputs],
                    output_names)
-
-
-SLOT = object()  # marks where an input tensor goes in a call's arguments
 
 
 def _splice(g: OnnxGraph, where: str, model: Any, input_names: list[str], output_names: list[str]) -> list[str]:

@@ -15,16 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fxq.errors import FxqError
+from fxq.errors import ExportError
 
 OPSET = 17  # per-axis QuantizeLinear/DequantizeLinear need 13; 17 is read by ONNX Runtime, OpenVINO, TensorRT
 
 # torch quantized dtypes and the ONNX element types and numpy dtypes of their codes
 _CODE_TYPES = {torch.quint8: ("UINT8", np.uint8), torch.qint8: ("INT8", np.int8), torch.qint32: ("INT32", np.int32)}
-
-
-class ExportError(FxqError):
-    """The int8 model holds something the ONNX export cannot write faithfully; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +67,7 @@ class OnnxGraph:
 
     def constant(self, array: np.ndarray, hint: str) -> str:
         """An initializer holding `array` (scalars and small grids are shared by value)."""
-        array = np.ascontiguousarray(array)
+        array = np.array(array, order="C")  # (np.ascontiguousarray would make a scalar 1-D)
         key = (array.dtype.str, array.shape, array.tobytes()) if array.size <= 16 else None
         if key is not None and key in self._constants:
             return self._constants[key]
@@ -115,6 +111,7 @@ class OnnxGraph:
             return self.dequantize(value, hint)
         if isinstance(value, Unquantized):
             return value.name
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_quantized:
+        if isinstance(value, torch.Tensor) and (value.is_quantized or value.is_floating_point()):
+            value = value.dequantize() if value.is_quantized else value
             return self.constant(value.detach().numpy().astype(np.float32), f"{hint}_constant")
         raise ExportError(f"{hint}: expected a tensor, got {type(value).__name__} {value!r:.80}")

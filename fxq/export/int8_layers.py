@@ -68,7 +68,7 @@ _PADDING_MODES = {"zeros": None, "reflect": "reflect", "replicate": "edge", "cir
 
 
 def emit_conv(g: OnnxGraph, where: str, module: nn.Module, inputs: list[Value], meta: Any, *, relu: bool = False,
-              add: bool = False) -> Quantized:
+              add: bool = False, conv_grid: tuple[float, int] | None = None) -> Quantized:
     """int8 Conv{1,2,3}d, ConvReLU, and onednn's ConvAdd / ConvAddReLU (conv + residual in one kernel)."""
     x = _quantized_input(inputs[0], where)
     x_float = g.dequantize(x, where)
@@ -87,6 +87,8 @@ def emit_conv(g: OnnxGraph, where: str, module: nn.Module, inputs: list[Value], 
               strides=list(module.stride), pads=padding + padding, dilations=list(module.dilation),
               group=int(module.groups))
     if add:
+        if conv_grid is not None:
+            y = g.dequantize(g.quantize(y, *conv_grid, meta.dtype, where), where)
         y = g.add("Add", [y, g.as_float(inputs[1], where)], where)
     if relu:
         y = g.add("Relu", [y], where)
