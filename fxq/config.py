@@ -87,6 +87,10 @@ class QuantOptions:
     bias_correction: bool = True
     # Error-compensated (GPTQ-style) int8 weight rounding instead of round-to-nearest.
     optimize_rounding: bool = True
+    # Dynamic mode: divide a Linear's input channels by per-channel factors folded into its weights
+    # (SmoothQuant's migration), per layer where it measurably lowers the int8 output error
+    # (fxq/recovery/smoothing.py). Needs no data beyond the example inputs; uses calibration_data if given.
+    smooth_activations: bool = True
     # Leave ops in float where int8 would cost more time than it saves, quantize/dequantize included
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True

@@ -25,6 +25,7 @@ from torch import fx, nn
 from fxq import regions
 from fxq.analysis.metrics import ErrorStats
 from fxq.backend import engine
+from fxq.backend.dynamic_linear import DynamicLinear
 from fxq.backend.conv_add import fusable_convs, fused_layers
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.backend.float_outputs import dynamic_output_linears
@@ -32,7 +33,7 @@ from fxq.backend.kernel_choice import convert_on_most_faithful_engine, engine_fo
 from fxq.backend.op_kinds import count_conversions, quantizes_op, weighted_layers
 from fxq.backend.weight_bits import measured_weight_grid
 from fxq.calibration import Batch, check_float_outputs, materialize, output_tensors, run_batches
-from fxq.config import Mode, QuantOptions, covered_modules
+from fxq.config import Mode, QuantOptions, covered_modules, key_covers
 from fxq.errors import FxqError, TraceError
 from fxq.frontend.canonicalize import canonicalize_layers
 from fxq.frontend.decompose import decompose_attention, may_decompose
@@ -46,6 +47,7 @@ from fxq.frontend.trace import FloatLeaf, trace_model
 from fxq.recovery.equalization import equalize
 from fxq.recovery.layers import copy_biases
 from fxq.recovery.rounding import optimize_rounding
+from fxq.recovery.smoothing import choose_smoothing
 from fxq.recovery.simulation_pass import recover_on_simulation
 from fxq.summary import QuantizationSummary, attach, summary_of
 from fxq.summary.assembly import (dynamic_output_rewrites, engine_summary, float_layers_after, float_ops,
@@ -214,15 +216,16 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
                 gm, leaves = trace_model(work)
             except TraceError as error:
                 if options.mode is Mode.DYNAMIC:
-                    quantized, summary = _quantize_dynamic_untraced(work, options, choice, error, timer)
+                    quantized, summary = _quantize_dynamic_untraced(work, example_inputs, calibration_data,
+                                                                    options, choice, error, timer)
                 else:
                     quantized, summary = regions.quantize_regions(work, example_inputs, calibration_data,
                                                                   options, error, timer.seconds, _quantize_part)
                 return PipelineResult(_finish(quantized, summary, example_inputs))
             traced = open_up(work, gm, leaves, example_inputs)
         if options.mode is Mode.DYNAMIC:
-            return PipelineResult(_finish(*_quantize_dynamic(traced, example_inputs, options, choice, timer),
-                                          example_inputs))
+            return PipelineResult(_finish(*_quantize_dynamic(traced, example_inputs, calibration_data, options,
+                                                             choice, timer), example_inputs))
         batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
         check_float_outputs(work, batches)
         float_graph = build_float_graph(traced, example_inputs, batches, options, choice, timer)
@@ -236,28 +239,54 @@ def _quantize_part(module: nn.Module, example_inputs: Batch, batches: list[Batch
     return quantize_model(module, example_inputs, batches, options).model
 
 
-def _quantize_dynamic(traced: TracedModel, example_inputs: Batch, options: QuantOptions,
-                      choice: engine.EngineChoice, timer: Timer) -> tuple[nn.Module, QuantizationSummary]:
+def _dynamic_smoothing(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                       options: QuantOptions, choice: engine.EngineChoice, timer: Timer
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The smoothing factors of `model`'s Linears that dynamic int8 keeps int8 (recovery.smoothing), measured
+    on the calibration batches or else the example inputs, and the summary's lines for them."""
+    linears = {name: module for name, module in model.named_modules()
+               if type(module) is nn.Linear and not key_covers(options.keep_float, name, module)}
+    if not options.smooth_activations or not linears:
+        return {}, []
+    batches = ([example_inputs] if calibration_data is None
+               else materialize(calibration_data, example_inputs, options.max_calibration_batches))
+    with timer.step("smoothing"):
+        factors, choices = choose_smoothing(
+            model, linears, batches, lambda linear, smoothing: DynamicLinear.from_linear(
+                linear, choice.dynamic_reduce_range, smoothing, options.per_channel_weights))
+    return factors, [f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error x{c.error_ratio:.2f})"
+                     for c in choices if c.alpha is not None]
+
+
+def _quantize_dynamic(traced: TracedModel, example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                      options: QuantOptions, choice: engine.EngineChoice, timer: Timer
+                      ) -> tuple[nn.Module, QuantizationSummary]:
     leaves = traced.leaves
+    smoothing, smoothed = _dynamic_smoothing(traced.graph, example_inputs, calibration_data, options, choice, timer)
+    float_linears = {name: copy.deepcopy(module) for name, module in traced.graph.named_modules()
+                     if type(module) is nn.Linear}
     with timer.step("convert"):
         prepared = engine.prepare_dynamic(traced.graph, example_inputs, options, choice, [l.module for l in leaves])
         quantized = engine.convert(prepared, choice)
+        engine.refine_dynamic_linears(quantized, float_linears, options, choice, smoothing)
         restore_output_type(quantized, run_example(traced.work, example_inputs))
     return quantized, engine_summary(options, choice, patterns=[str(p) for p in traced.patterns],
-                                     rewrites=traced.rewrites,
+                                     rewrites=traced.rewrites + smoothed,
                                      float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
                                      timings_s=timer.seconds)
 
 
-def _quantize_dynamic_untraced(work: nn.Module, options: QuantOptions, choice: engine.EngineChoice,
-                               error: TraceError, timer: Timer) -> tuple[nn.Module, QuantizationSummary]:
+def _quantize_dynamic_untraced(work: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                               options: QuantOptions, choice: engine.EngineChoice, error: TraceError, timer: Timer
+                               ) -> tuple[nn.Module, QuantizationSummary]:
     """Dynamic mode needs no graph: a model whose forward does not trace gets its Linear and recurrent
     layers swapped for dynamic int8 modules in place, as torch.ao's eager `quantize_dynamic` does."""
+    smoothing, smoothed = _dynamic_smoothing(work, example_inputs, calibration_data, options, choice, timer)
     with timer.step("convert"):
-        swapped = engine.quantize_dynamic_modules(work, options, choice)
+        swapped = engine.quantize_dynamic_modules(work, options, choice, smoothing)
     reason = str(error.__cause__ or error).splitlines()[0][:200]
     return work, engine_summary(
-        options, choice, rewrites=[f"dynamic int8 module swap (no graph): {len(swapped)} layer(s)"],
+        options, choice, rewrites=[f"dynamic int8 module swap (no graph): {len(swapped)} layer(s)"] + smoothed,
         float_layers=[(name, "keep_float") for name in covered_modules(work, options.keep_float)
                       if name in weighted_layers(work).float],
         timings_s=timer.seconds,
@@ -310,7 +339,7 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, options, choice, batches[0],
                                                                       conv_adds)
         engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
-        dynamic_outputs = dynamic_output_linears(quantized, choice.engine)
+        dynamic_outputs = dynamic_output_linears(quantized, choice.engine, choice.dynamic_reduce_range)
         restore_output_type(quantized, run_example(traced.work, example_inputs))
     with timer.step("inside_leaves"):
         around, parts = regions.quantize_inside_leaves(traced.work, quantized, leaves, [example_inputs] + batches,
@@ -398,7 +427,7 @@ def convert_qat(trained: nn.Module, run: QatRun) -> nn.Module:
                                       f"separately: {', '.join(parts)}"))
         return model
     quantized = engine.convert(copy.deepcopy(trained).eval(), run.choice)
-    dynamic_outputs = dynamic_output_linears(quantized, run.choice.engine)
+    dynamic_outputs = dynamic_output_linears(quantized, run.choice.engine, run.choice.dynamic_reduce_range)
     attach(quantized, engine_summary(run.options, run.choice,
                                      float_layers=float_layers_after(quantized, run.leaves, run.options.keep_float),
                                      rewrites=dynamic_output_rewrites(dynamic_outputs)))

@@ -8,6 +8,8 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 
 import fxq
+from fxq.backend import engine
+from fxq.backend.dynamic_linear import DynamicLinear
 from helpers import assert_state_unchanged, sqnr, state_snapshot
 
 # Observed about 43 dB on these inputs when this was written; the floor leaves margin.
@@ -65,7 +67,10 @@ def test_lstm_and_linear_become_dynamic_int8(model_class, linears):
     assert_state_unchanged(model, snapshot)
     kinds = [type(m) for m in quantized.modules()]
     assert kinds.count(nnqd.LSTM) == 1
-    assert kinds.count(nnqd.Linear) == linears
+    # fxq's dynamic Linear: torch.ao's kernel, on the input grid the engine probe allows
+    assert kinds.count(DynamicLinear) == linears
+    choice = engine.select_engine(fxq.QuantOptions())
+    assert all(m.reduce_range == choice.dynamic_reduce_range for m in quantized.modules() if isinstance(m, DynamicLinear))
     assert not any(type(m) in (nn.LSTM, nn.Linear) for m in quantized.modules())
 
     generator = torch.Generator().manual_seed(1)

@@ -11,6 +11,8 @@ the floors against the torch int8 model are far below what one layer would give.
 
 from __future__ import annotations
 
+import math
+
 import collections
 
 import pytest
@@ -87,8 +89,8 @@ class Gate(nn.Module):
 
 PLANTED = {"residual": Residual, "mixer": Mixer}
 # ONNX Runtime against fxq's torch int8 model on 16 crops, measured (Intel Xeon, AVX-512 VNNI): residual
-# 49.1 dB, mixer 33.6 dB; floors a few dB below.
-PLANTED_FLOOR_DB = {"residual": 45.0, "mixer": 30.0}
+# 49.1 dB, mixer 45.5 dB (33.6 while torch's dynamic head took 7-bit inputs); floors a few dB below.
+PLANTED_FLOOR_DB = {"residual": 45.0, "mixer": 40.0}
 
 
 def _quantize(model: nn.Module, size: int, count: int = 32, **options) -> nn.Module:
@@ -123,7 +125,9 @@ def test_planted_export_matches_the_int8_model(planted, tmp_path):
     print(f"{name}: ONNX Runtime vs torch int8 {sqnr(int8, exported):.1f} dB; vs float {sqnr(reference, exported):.1f}"
           f" dB (torch int8 {sqnr(reference, int8):.1f} dB)")
     assert sqnr(int8, exported) > PLANTED_FLOOR_DB[name]
-    assert sqnr(reference, exported) > sqnr(reference, int8) - FLOAT_SQNR_TOLERANCE_DB
+    # the export's own difference adds to the int8 model's error as independent noise, nothing more
+    independent = -10 * math.log10(10 ** (-sqnr(reference, int8) / 10) + 10 ** (-sqnr(int8, exported) / 10))
+    assert sqnr(reference, exported) > min(independent - 0.2, sqnr(reference, int8) - FLOAT_SQNR_TOLERANCE_DB)
 
 
 def test_the_batch_dimension_is_dynamic(planted, tmp_path):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 import torch.ao.nn.quantized as nnq
-import torch.ao.nn.quantized.dynamic as nnqd
 from torch import nn
 
 import fxq
+from fxq.backend.dynamic_linear import DynamicLinear
 from fxq.backend.engine import using_engine
 from helpers import photo_batches, small_mobilenet, sqnr
 
@@ -31,7 +31,7 @@ def test_the_returned_linear_runs_dynamic_and_its_output_is_not_rounded_to_eight
     calibration, evaluation = photo_batches()
     quantized = fxq.quantize(model, (evaluation[:1],), calibration_data=calibration)
     summary = fxq.summary_of(quantized)
-    assert type(quantized.get_submodule("head")) is nnqd.Linear
+    assert type(quantized.get_submodule("head")) is DynamicLinear
     assert type(quantized.get_submodule("hidden")) is nnq.Linear  # its output is read again: stays static
     assert any("dynamic int8" in rewrite and rewrite.endswith(": head") for rewrite in summary.rewrites)
     with torch.no_grad(), using_engine(summary.engine):

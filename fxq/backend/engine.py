@@ -24,6 +24,7 @@ from torch.ao.quantization.qconfig_mapping import get_default_qat_qconfig_mappin
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx, prepare_qat_fx
 
 from fxq.backend import conv_add, float_shield
+from fxq.backend.dynamic_linear import DynamicLinear
 from fxq.backend.observers import AutoRangeObserver, MSEObserver, PercentileObserver
 from fxq.backend.prelu_slopes import PReLUSlopeObserver
 from fxq.config import Backend, Observer, QuantOptions, key_covers
@@ -37,7 +38,7 @@ __all__ = [
     "build_static_qconfig_mapping", "prepare_static", "prepare_qat", "prepare_dynamic",
     "quantize_dynamic_modules", "convert",
     "convert_reference", "repack_weights", "range_choices", "freeze_observers", "freeze_bn_stats",
-    "weight_qparams", "fake_quantize_weight", "install_weights",
+    "refine_dynamic_linears", "weight_qparams", "fake_quantize_weight", "install_weights",
 ]
 
 # torch.ao prints a deprecation notice on every prepare/convert; fxq pins the version and says so once.
@@ -62,6 +63,12 @@ class EngineChoice:
         """7-bit weights (-64..64): on a saturating kernel, the other way than reduce_range to keep every
         pair of u8 x s8 products inside int16 (255 * 64 * 2 = 32640)."""
         return self.kernel_saturates and not self.reduce_range
+
+    @property
+    def dynamic_reduce_range(self) -> bool:
+        """7-bit inputs for dynamic int8 Linears: where asked, or where the kernel saturates (their weights
+        stay 8-bit). torch.ao's own dynamic Linear takes 7 bits on every CPU."""
+        return self.reduce_range or self.kernel_saturates
 
     @property
     def fuses_conv_add(self) -> bool:
@@ -350,19 +357,49 @@ def prepare_dynamic(gm: nn.Module, example_inputs: tuple, options: QuantOptions,
         return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
 
 
-def quantize_dynamic_modules(model: nn.Module, options: QuantOptions, choice: EngineChoice) -> list[str]:
+def quantize_dynamic_modules(model: nn.Module, options: QuantOptions, choice: EngineChoice,
+                             smoothing: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """Dynamic quantization without a graph, for models whose forward does not trace: each Linear and
-    recurrent layer not kept float is swapped in place for its dynamic int8 module (the qconfigs of
-    `prepare_dynamic`; swapping a module needs no trace). Returns the swapped layers' names."""
+    recurrent layer not kept float is swapped in place for its dynamic int8 module (swapping a module needs
+    no trace). Linears become fxq's DynamicLinear (the probed input grid, `smoothing` by layer name);
+    recurrent layers torch.ao's, with `prepare_dynamic`'s qconfig. Returns the swapped layers' names."""
     from torch.ao.quantization import quantize_dynamic
 
-    qconfig = per_channel_dynamic_qconfig if options.per_channel_weights else default_dynamic_qconfig
-    spec = {name: qconfig if isinstance(module, nn.Linear) else default_dynamic_qconfig
-            for name, module in model.named_modules()
-            if name and isinstance(module, DYNAMIC_TYPES) and not key_covers(options.keep_float, name, module)}
+    chosen = {name: module for name, module in model.named_modules()
+              if name and isinstance(module, DYNAMIC_TYPES) and not key_covers(options.keep_float, name, module)}
+    linears = {name: module for name, module in chosen.items() if type(module) is nn.Linear}
     with using_engine(choice.engine):
-        quantize_dynamic(model, spec, inplace=True)
-    return sorted(spec)
+        for name, linear in linears.items():
+            dynamic = DynamicLinear.from_linear(linear, choice.dynamic_reduce_range, (smoothing or {}).get(name),
+                                                options.per_channel_weights)
+            _set_submodule(model, name, dynamic)
+        recurrent = {name: default_dynamic_qconfig for name in chosen if name not in linears}
+        if recurrent:
+            quantize_dynamic(model, recurrent, inplace=True)
+    return sorted(chosen)
+
+
+def refine_dynamic_linears(quantized: nn.Module, float_linears: Mapping[str, nn.Linear], options: QuantOptions,
+                           choice: EngineChoice, smoothing: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+    """Swap each torch.ao dynamic Linear of a converted graph for fxq's DynamicLinear, from the float layer
+    of the same name (`float_linears`): the probed input grid instead of torch.ao's blanket 7 bits, and
+    `smoothing` by layer name. Returns the layers swapped."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    swapped = []
+    with using_engine(choice.engine):
+        for name, module in list(quantized.named_modules()):
+            if type(module) is nnqd.Linear and name in float_linears:
+                _set_submodule(quantized, name, DynamicLinear.from_linear(
+                    float_linears[name], choice.dynamic_reduce_range, (smoothing or {}).get(name),
+                    options.per_channel_weights))
+                swapped.append(name)
+    return swapped
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def convert(prepared: fx.GraphModule, choice: EngineChoice, conv_adds: Iterable[str] = ()) -> fx.GraphModule:

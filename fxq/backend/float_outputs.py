@@ -22,9 +22,9 @@ from collections import Counter
 
 import torch
 import torch.ao.nn.quantized as nnq
-import torch.ao.nn.quantized.dynamic as nnqd
 from torch import fx
 
+from fxq.backend.dynamic_linear import DynamicLinear
 from fxq.backend.engine import using_engine
 from fxq.frontend.graph import only_user, replace_module
 
@@ -45,15 +45,17 @@ def _returned_linears(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
     return found
 
 
-def dynamic_output_linears(gm: fx.GraphModule, engine: str) -> list[str]:
+def dynamic_output_linears(gm: fx.GraphModule, engine: str, reduce_range: bool) -> list[str]:
     """Rewrite `gm` in place: each returned static int8 Linear becomes a dynamic one reading the float
-    value its input was quantized from (or that input dequantized). Returns the layers rewritten."""
+    value its input was quantized from (or that input dequantized), on 7-bit inputs only if
+    `reduce_range` (EngineChoice.dynamic_reduce_range). Returns the layers rewritten."""
     rewritten = []
     for linear, dequantize in _returned_linears(gm):
         static = gm.get_submodule(linear.target)
         weight = static.weight()
         with using_engine(engine):
-            dynamic = nnqd.Linear(weight.shape[1], weight.shape[0], dtype=torch.qint8)
+            dynamic = DynamicLinear(weight.shape[1], weight.shape[0], static.bias() is not None,
+                                    reduce_range=reduce_range)
             dynamic.set_weight_bias(weight, static.bias())
         source = linear.args[0]
         quantize_node = source if isinstance(source, fx.Node) and source.op == "call_function" \

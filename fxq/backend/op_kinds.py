@@ -16,6 +16,8 @@ import torch.ao.nn.intrinsic as nni
 from torch import fx, nn
 
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# fxq's own dynamic int8 Linear (backend/dynamic_linear.py), by module path: op_kinds sits below it
+DYNAMIC_LINEAR_MODULE = "fxq.backend.dynamic_linear"
 DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
 
@@ -98,12 +100,13 @@ def count_conversions(quantized: fx.GraphModule) -> dict[str, int]:
 
 def is_quantized_module(module: nn.Module) -> bool:
     """True for modules that run an int8 kernel (static or dynamic)."""
-    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                                               DYNAMIC_LINEAR_MODULE))
 
 
 def is_dynamic_quantized_module(module: nn.Module) -> bool:
     """True for dynamic int8 modules: float input, quantized on each call's own range, float output."""
-    return type(module).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    return type(module).__module__.startswith(("torch.ao.nn.quantized.dynamic", DYNAMIC_LINEAR_MODULE))
 
 
 def is_weighted_quantized_module(module: nn.Module) -> bool:

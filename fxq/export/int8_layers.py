@@ -133,9 +133,13 @@ def emit_dynamic_linear(g: OnnxGraph, where: str, module: nn.Module, inputs: lis
 
     "integer": DynamicQuantizeLinear + MatMulInteger, ONNX Runtime's dynamic form (fused into its
     DynamicQuantizeMatMul); the input is quantized on each call's range as torch does, but on 255 levels
-    where torch's kernel uses 127 (reduce_range). "float": a float MatMul with the dequantized int8 weights.
+    where torch.ao's kernel uses 127 (reduce_range; fxq's DynamicLinear uses 255 where the CPU's kernel
+    does not saturate). "float": a float MatMul with the dequantized int8 weights.
     """
     x = g.as_float(inputs[0], where)
+    if getattr(module, "smoothed", False):  # fxq's DynamicLinear: the input scaled per channel first
+        x = g.add("Mul", [x, g.constant(module.input_scale.detach().numpy().astype(np.float32),
+                                        f"{where}.input_scale")], where)
     if form == "float":
         weight, _ = _int8_weight(g, module.weight(), where, transpose=True)
         y = g.add("MatMul", [x, weight], where)
@@ -169,6 +173,7 @@ INT8_MODULES: dict[str, tuple[Emitter, dict[str, Any]]] = {
     "torch.ao.nn.quantized.modules.linear.Linear": (emit_linear, {}),
     "torch.ao.nn.intrinsic.quantized.modules.linear_relu.LinearReLU": (emit_linear, {"relu": True}),
     "torch.ao.nn.quantized.dynamic.modules.linear.Linear": (emit_dynamic_linear, {}),
+    "fxq.backend.dynamic_linear.DynamicLinear": (emit_dynamic_linear, {}),
 }
 
 

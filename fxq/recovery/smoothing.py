@@ -1,0 +1,101 @@
+"""Activation smoothing for dynamic int8 Linears (the migration of Xiao et al.'s SmoothQuant), with the
+strength chosen per layer by measured output error.
+
+A dynamic int8 Linear quantizes each call's input on one per-tensor range. A transformer's residual
+stream has a few channels tens of times larger than the rest (BERT's outlier dimensions), so that range
+is set by them and the other channels get a handful of levels. Dividing input channel j by
+s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha) and multiplying weight column j by s_j leaves the float
+function unchanged and moves part of the range from the activations into the per-channel weights.
+
+SmoothQuant uses one alpha for a whole model. Here each layer takes the alpha (or none) whose actual
+int8 kernel output is closest to its float output on the calibration batches: the migration costs one
+multiply per call, and layers whose input has no outliers gain nothing from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fxq.calibration import run_batches
+
+ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
+# a smoothed layer must cut its output error at least this much to pay for its multiply
+MIN_ERROR_RATIO = 0.8
+
+# (float Linear, smoothing or None) -> that layer's int8 kernel as a callable on float inputs
+KernelFactory = Callable[[nn.Linear, torch.Tensor | None], Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SmoothingChoice:
+    """One layer's measured choice: alpha (None: not smoothed) and its output error relative to none."""
+
+    layer: str
+    alpha: float | None
+    error_ratio: float
+
+
+def smoothing_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|x_j|^alpha / max|W_:,j|^(1 - alpha), bounded away from zero (dead channels keep 1)."""
+    weight_absmax = weight.detach().abs().amax(dim=0).clamp(min=1e-5)
+    factors = input_absmax.clamp(min=1e-5).pow(alpha) / weight_absmax.pow(1 - alpha)
+    return torch.where(input_absmax > 0, factors.clamp(min=1e-5), torch.ones_like(factors))
+
+
+def _input_absmax(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
+    absmax: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
+            absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
+        return hook
+
+    handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
+    try:
+        run_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return absmax
+
+
+def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple],
+                     kernel: KernelFactory) -> tuple[dict[str, torch.Tensor], list[SmoothingChoice]]:
+    """Per layer of `linears` (submodules of `model`, by name): the smoothing factors that bring its int8
+    output (`kernel`) closest to its float output on `batches`, if any brings it below MIN_ERROR_RATIO
+    of the unsmoothed error. Returns the factors by layer and every layer's measured choice."""
+    absmax = _input_absmax(model, linears, batches)
+    candidates = {name: {alpha: smoothing_factors(absmax[name], linear.weight, alpha) for alpha in ALPHAS}
+                  for name, linear in linears.items() if name in absmax}
+    kernels = {name: {alpha: kernel(linears[name], factors) for alpha, factors in by_alpha.items()}
+               | {None: kernel(linears[name], None)} for name, by_alpha in candidates.items()}
+    errors = {name: dict.fromkeys(by_alpha, 0.0) for name, by_alpha in kernels.items()}
+
+    def measure(name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            for alpha, run in kernels[name].items():
+                errors[name][alpha] += float((run(args[0]) - output).pow(2).sum())
+        return hook
+
+    handles = [linears[name].register_forward_hook(measure(name)) for name in kernels]
+    try:
+        run_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    factors, choices = {}, []
+    for name, by_alpha in errors.items():
+        plain = by_alpha.pop(None)
+        alpha = min(by_alpha, key=by_alpha.__getitem__)
+        ratio = by_alpha[alpha] / plain if plain > 0 else 1.0
+        if ratio < MIN_ERROR_RATIO:
+            factors[name] = candidates[name][alpha]
+            choices.append(SmoothingChoice(name, alpha, ratio))
+        else:
+            choices.append(SmoothingChoice(name, None, 1.0))
+    return factors, choices
