@@ -41,8 +41,7 @@ def main() -> None:
     with torch.no_grad():
         reference, result = model(sequences), int8_model(sequences)
     sqnr = float(20 * torch.log10(reference.norm() / (reference - result).norm()))
-    dynamic = sorted({type(m).__name__ for m in int8_model.modules()
-                      if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")})
+    dynamic = sorted({m._get_name() for m in int8_model.modules() if "DynamicQuantized" in m._get_name()})
     print(f"dynamic int8 modules: {', '.join(dynamic)}")
     print(f"output SQNR vs float: {sqnr:.1f} dB")
     print(f"state_dict size: float {state_size_mb(model):.2f} MB, int8 {state_size_mb(int8_model):.2f} MB")

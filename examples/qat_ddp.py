@@ -70,9 +70,11 @@ def train(model: nn.Module, loader: DataLoader, sampler: DistributedSampler, epo
 
 
 def kernel_counts(model: nn.Module) -> Counter:
-    """How many int8 conv/linear kernels of each type the model holds (torch.ao.nn.*quantized modules)."""
+    """How many int8 conv/linear kernels of each type the model holds (torch.ao.nn.*quantized modules and
+    fxq's dynamic Linear)."""
     return Counter(f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()
-                   if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+                   if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                                                     "fxq.backend.dynamic_linear"))
                    and callable(getattr(m, "weight", None)))
 
 

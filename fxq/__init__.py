@@ -12,7 +12,7 @@ from fxq.config import QuantOptions
 from fxq.export import export_onnx
 from fxq.report import Report, report
 from fxq.errors import (BackendError, CalibrationError, ConfigError, ExportError, FxqError, InputError,
-                        MissingExtraError,
+                        MissingExtraError, ReplacedTensorError,
                         SerializationError, TraceError, UnsupportedBackendError)
 from fxq.serialize import load, save
 from fxq.summary import QuantizationSummary, summary_of
@@ -24,5 +24,5 @@ __all__ = [
     "sensitivity", "SensitivityReport", "report", "Report", "inputs_only", "save", "load", "summary_of",
     "QuantizationSummary", "QuantOptions", "export_onnx",
     "FxqError", "ConfigError", "InputError", "TraceError", "BackendError", "UnsupportedBackendError",
-    "CalibrationError", "SerializationError", "MissingExtraError", "ExportError",
+    "CalibrationError", "SerializationError", "MissingExtraError", "ExportError", "ReplacedTensorError",
 ]

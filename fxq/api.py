@@ -19,7 +19,7 @@ from fxq.backend.engine import freeze_bn_stats as _freeze_bn_stats
 from fxq.backend.engine import freeze_observers as _freeze_observers
 from fxq.calibration import materialize
 from fxq.config import Mode, QuantOptions
-from fxq.errors import ConfigError, InputError
+from fxq.errors import CalibrationError, ConfigError, InputError
 from fxq.frontend.patterns import FoundPattern
 from fxq.frontend.trace import FloatLeaf
 from fxq.mixed_precision import quantize_to_metric, quantize_to_target
@@ -66,7 +66,10 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
     if opts.mode is Mode.QAT:
         raise ConfigError("mode='qat' trains the model: call fxq.prepare_qat(model, example_inputs), train the "
                           "returned model, then fxq.convert(it)")
-    if opts.searches_mixed_precision and opts.mode is Mode.STATIC:
+    if opts.searches_mixed_precision:
+        if calibration_data is None:
+            raise CalibrationError("target_sqnr_db / eval_fn measure the int8 model on data: pass calibration_data "
+                                   "(an iterable of input batches)")
         batches = materialize(calibration_data, example_inputs, opts.max_calibration_batches)
         base = opts.replace(target_sqnr_db=None, eval_fn=None, max_drop=None)
         if opts.eval_fn is not None:

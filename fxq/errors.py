@@ -19,6 +19,11 @@ class TraceError(FxqError):
     """Symbolic tracing failed at a module fxq could not isolate as a float leaf."""
 
 
+class ReplacedTensorError(FxqError, AttributeError):
+    """The model's own code used the values of a parameter or buffer of a part fxq replaced by its int8
+    version (only its dtype, device and shape are kept). An AttributeError too, as the attribute is gone."""
+
+
 class BackendError(FxqError):
     """The quantization engine rejected the model or the backend is unavailable on this CPU."""
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
+from fxq.analysis.module_sensitivity import ModuleSensitivityReport
 from fxq.analysis.sensitivity import analyze
 from fxq.calibration import Batch
 from fxq.config import QuantOptions, key_covers
@@ -49,6 +50,9 @@ def quantize_to_target(model: nn.Module, example_inputs: Batch, batches: Sequenc
     """
     fit, held_out = held_out_split(batches)
     report = analyze(model, example_inputs, fit, held_out, options)
+    if isinstance(report, ModuleSensitivityReport):
+        return _quantize_to_target_by_swaps(model, example_inputs, batches, report, target_sqnr_db, options,
+                                            len(fit), len(held_out), held_out is fit)
     kept = report.recommend(target_sqnr_db)
     recommendation = report.recommendation
     if held_out is fit:
@@ -71,6 +75,30 @@ def quantize_to_target(model: nn.Module, example_inputs: Batch, batches: Sequenc
     return quantized
 
 
+def _quantize_to_target_by_swaps(model: nn.Module, example_inputs: Batch, batches: Sequence[Batch],
+                                 report: ModuleSensitivityReport, target_sqnr_db: float, options: QuantOptions,
+                                 fit: int, held_out: int, same: bool) -> nn.Module:
+    """`quantize_to_target` for a model quantized without one graph: units (regions, swapped layers) are
+    kept float by swapping their float modules back (analysis.module_sensitivity), chosen and verified on
+    the held-out batches; the returned model is quantized on all batches with the same units float."""
+    recommendation = report.recommend(target_sqnr_db)
+    kept = recommendation.kept_float
+    if same:
+        quantized, where = report.with_float(kept), "on its only calibration batch (nothing to hold out)"
+    else:
+        full = quantize_model(model, example_inputs, batches, options).model
+        quantized = ModuleSensitivityReport.swapped_back(full, model, kept, report.units)
+        where = (f"on {held_out} held-out calibration batch(es), calibrated on the other {fit}; this model is then "
+                 f"calibrated on all {len(batches)}")
+    summary = summary_of(quantized)
+    summary.options["target_sqnr_db"] = target_sqnr_db
+    summary.notes.append(
+        f"target_sqnr_db={target_sqnr_db:g}: all-int8 model measured {report.end_to_end_sqnr_db:.1f} dB; "
+        f"{len(kept)} unit(s) swapped back to float reach {recommendation.verified_sqnr_db:.1f} dB, measured {where} "
+        f"(module swaps: the model is not one traced graph; attempts: {recommendation.attempts})")
+    return quantized
+
+
 def quantize_to_metric(model: nn.Module, example_inputs: Batch, batches: Sequence[Batch],
                        eval_fn: Callable[[nn.Module], float], max_drop: float,
                        options: QuantOptions, max_verifications: int = 8) -> nn.Module:
@@ -83,14 +111,16 @@ def quantize_to_metric(model: nn.Module, example_inputs: Batch, batches: Sequenc
     """
     float_score = float(eval_fn(copy.deepcopy(model).eval()))
     report = analyze(model, example_inputs, list(batches), list(batches), options)
-    units = report.float_units()
+    swaps = isinstance(report, ModuleSensitivityReport)  # not one graph: units are swapped back to float
+    units = sorted(report.units, key=lambda unit: unit.impact_rank) if swaps else report.float_units()
     scores: dict[int, float] = {0: float(eval_fn(report.quantized))}
     models: dict[int, nn.Module] = {0: report.quantized}
 
     def score_with(count: int) -> bool:
         if count not in scores:
-            models[count] = quantize_model(model, example_inputs, batches,
-                                           options.with_float(unit.name for unit in units[:count])).model
+            names = [unit.name for unit in units[:count]]
+            models[count] = report.with_float(names) if swaps else \
+                quantize_model(model, example_inputs, batches, options.with_float(names)).model
             scores[count] = float(eval_fn(models[count]))
         return float_score - scores[count] <= max_drop
 
@@ -115,7 +145,8 @@ def quantize_to_metric(model: nn.Module, example_inputs: Batch, batches: Sequenc
     quantized = models[high]
     summary = summary_of(quantized)
     kept = [unit.name for unit in units[:high]]
-    _label_kept_layers(summary, kept, lambda name, unit: f"mixed precision (eval_fn): block {unit}")
+    if not swaps:  # with_float listed the swapped units already
+        _label_kept_layers(summary, kept, lambda name, unit: f"mixed precision (eval_fn): block {unit}")
     summary.options.update(max_drop=max_drop, eval_fn=getattr(eval_fn, "__name__", repr(eval_fn)))
     summary.notes.append(
         f"eval_fn: float {float_score:.4g}, all-int8 {scores[0]:.4g}; {high} block(s) or layer(s) kept in float "

@@ -239,30 +239,57 @@ def _quantize_part(module: nn.Module, example_inputs: Batch, batches: list[Batch
     return quantize_model(module, example_inputs, batches, options).model
 
 
-def _dynamic_smoothing(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
-                       options: QuantOptions, choice: engine.EngineChoice, timer: Timer
+def _dynamic_smoothing(model: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch], options: QuantOptions,
+                       choice: engine.EngineChoice, timer: Timer, unsmoothed: dict[str, nn.Module] | None = None
                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The smoothing factors of `model`'s Linears that dynamic int8 keeps int8 (recovery.smoothing), measured
-    on the calibration batches or else the example inputs, and the summary's lines for them."""
-    linears = {name: module for name, module in model.named_modules()
-               if type(module) is nn.Linear and not key_covers(options.keep_float, name, module)}
+    """The smoothing factors of the float `model`'s `linears` that run as dynamic int8 (recovery.smoothing),
+    measured on `batches`, and the summary's lines for them."""
     if not options.smooth_activations or not linears:
         return {}, []
-    batches = ([example_inputs] if calibration_data is None
-               else materialize(calibration_data, example_inputs, options.max_calibration_batches))
     with timer.step("smoothing"):
         factors, choices = choose_smoothing(
             model, linears, batches, lambda linear, smoothing: DynamicLinear.from_linear(
-                linear, choice.dynamic_reduce_range, smoothing, options.per_channel_weights))
-    return factors, [f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error x{c.error_ratio:.2f})"
-                     for c in choices if c.alpha is not None]
+                linear, choice.dynamic_reduce_range, smoothing, options.per_channel_weights), unsmoothed)
+    return factors, [f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error x{c.error_ratio:.2f}, "
+                     f"smoothed float layer vs float {c.function_sqnr_db:.0f} dB)" for c in choices if c.alpha is not None]
+
+
+def _dynamic_linears(model: nn.Module, options: QuantOptions) -> dict[str, nn.Linear]:
+    """The Linears of `model` that dynamic mode quantizes (all but those kept float)."""
+    return {name: module for name, module in model.named_modules()
+            if type(module) is nn.Linear and not key_covers(options.keep_float, name, module)}
+
+
+def _dynamic_batches(example_inputs: Batch, calibration_data: Iterable[Any] | None,
+                     options: QuantOptions) -> list[Batch]:
+    """Dynamic mode needs no data: smoothing is measured on the calibration batches if given, else on
+    the example inputs."""
+    return ([example_inputs] if calibration_data is None
+            else materialize(calibration_data, example_inputs, options.max_calibration_batches))
+
+
+def _smooth_isolated_linears(quantized: nn.Module, float_gm: fx.GraphModule, names: list[str], batches: list[Batch],
+                             options: QuantOptions, choice: engine.EngineChoice, timer: Timer) -> list[str]:
+    """Static mode's Linears that became dynamic (backend.float_outputs) get smoothing where it measurably
+    beats their rounded weights; returns the summary's lines."""
+    float_modules = dict(float_gm.named_modules())
+    linears = {name: float_modules[name] for name in names if type(float_modules.get(name)) is nn.Linear}
+    factors, lines = _dynamic_smoothing(float_gm, linears, batches, options, choice, timer,
+                                        {name: quantized.get_submodule(name) for name in linears})
+    with engine.using_engine(choice.engine):
+        for name, smoothing in factors.items():
+            replace_module(quantized, name, DynamicLinear.from_linear(
+                linears[name], choice.dynamic_reduce_range, smoothing, options.per_channel_weights))
+    return lines
 
 
 def _quantize_dynamic(traced: TracedModel, example_inputs: Batch, calibration_data: Iterable[Any] | None,
                       options: QuantOptions, choice: engine.EngineChoice, timer: Timer
                       ) -> tuple[nn.Module, QuantizationSummary]:
     leaves = traced.leaves
-    smoothing, smoothed = _dynamic_smoothing(traced.graph, example_inputs, calibration_data, options, choice, timer)
+    smoothing, smoothed = _dynamic_smoothing(traced.graph, _dynamic_linears(traced.graph, options),
+                                             _dynamic_batches(example_inputs, calibration_data, options),
+                                             options, choice, timer)
     float_linears = {name: copy.deepcopy(module) for name, module in traced.graph.named_modules()
                      if type(module) is nn.Linear}
     with timer.step("convert"):
@@ -281,7 +308,9 @@ def _quantize_dynamic_untraced(work: nn.Module, example_inputs: Batch, calibrati
                                ) -> tuple[nn.Module, QuantizationSummary]:
     """Dynamic mode needs no graph: a model whose forward does not trace gets its Linear and recurrent
     layers swapped for dynamic int8 modules in place, as torch.ao's eager `quantize_dynamic` does."""
-    smoothing, smoothed = _dynamic_smoothing(work, example_inputs, calibration_data, options, choice, timer)
+    smoothing, smoothed = _dynamic_smoothing(work, _dynamic_linears(work, options),
+                                             _dynamic_batches(example_inputs, calibration_data, options),
+                                             options, choice, timer)
     with timer.step("convert"):
         swapped = engine.quantize_dynamic_modules(work, options, choice, smoothing)
     reason = str(error.__cause__ or error).splitlines()[0][:200]
@@ -310,8 +339,9 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         ops_in_float = float_ops(gm, None, leaves, keep_float)
     # recovery passes skip these layers (an untraceable leaf runs its own forward, not the layer's)
     float_keys = tuple(keep_float) + tuple(island_modules) + tuple(non_traceable)
+    # what the simulation is corrected towards, and the float layers smoothing is measured on
+    float_gm = copy.deepcopy(gm)
     on_simulation = options.bias_correction or options.optimize_rounding
-    float_gm = copy.deepcopy(gm) if on_simulation else None  # what the simulation is corrected towards
     with timer.step("prepare"):
         conv_adds = sorted(fusable_convs(gm, example_inputs)) if choice.fuses_conv_add else []
         mapping = engine.build_static_qconfig_mapping(gm, options, choice, keep_float=island_modules)
@@ -341,6 +371,7 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
         dynamic_outputs = dynamic_output_linears(quantized, choice.engine, choice.dynamic_reduce_range)
         restore_output_type(quantized, run_example(traced.work, example_inputs))
+    smoothed = _smooth_isolated_linears(quantized, float_gm, dynamic_outputs, batches, options, choice, timer)
     with timer.step("inside_leaves"):
         around, parts = regions.quantize_inside_leaves(traced.work, quantized, leaves, [example_inputs] + batches,
                                                        options.replace(backend=choice.engine), _quantize_part)
@@ -349,7 +380,7 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         options, choice, engine_fidelity_db=fidelity,
         patterns=[str(p) for p in traced.patterns]
         + [f"conv-add (one int8 kernel): {name} + add" for name in fused_layers(quantized)],
-        rewrites=traced.rewrites + float_graph.rewrites + dynamic_output_rewrites(dynamic_outputs),
+        rewrites=traced.rewrites + float_graph.rewrites + dynamic_output_rewrites(dynamic_outputs) + smoothed,
         float_layers=float_layers_after(quantized, around, keep_float, plan),
         float_ops=untraceable_ops(around, parts) + ops_in_float,
         conversions=count_conversions(quantized),
@@ -401,7 +432,7 @@ def prepare_qat_model(model: nn.Module, example_inputs: Batch, options: QuantOpt
         except TraceError as error:
             def prepare_part(name: str, part: nn.Module, part_inputs: Batch) -> QatRun:
                 prepared, run = prepare_qat_model(part, part_inputs, options.scoped_to(name))
-                regions.keep_plain_attributes(part, prepared)
+                regions.keep_plain_attributes(part, prepared, name)
                 replace_module(work, name, prepared)
                 return run
 
@@ -419,7 +450,7 @@ def convert_qat(trained: nn.Module, run: QatRun) -> nn.Module:
         model = copy.deepcopy(trained).eval()
         for name, part_run in run.regions.items():
             part = convert_qat(model.get_submodule(name), part_run)
-            regions.keep_plain_attributes(trained.get_submodule(name), part)
+            regions.keep_plain_attributes(trained.get_submodule(name), part, name)
             replace_module(model, name, part)
         parts = {name: summary_of(model.get_submodule(name)) for name in run.regions}
         attach(model, regions_summary(run.options, model, run.leaves, parts, {},

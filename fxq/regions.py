@@ -3,7 +3,8 @@
 Detection models loop over images or branch on data in their top-level forward, and some blocks branch
 on data inside (a gate). Each traceable submodule is quantized on its own, calibrated on the arguments it
 receives when the float model runs the calibration batches, and put back under its own name; the code
-around the regions runs in float, and the summary says so.
+around the regions runs in float, and the summary says so. What that code reads of a part stays readable
+on its int8 replacement: plain attributes, and the dtype, device and shape of the part's own weights.
 
 The quantization of one part is the pipeline's, passed in as `quantize_part`, so this module sits below
 the pipeline and never imports it.
@@ -18,7 +19,7 @@ from torch import fx, nn
 
 from fxq.calibration import Batch, check_float_outputs, materialize
 from fxq.config import QuantOptions
-from fxq.errors import FxqError, TraceError
+from fxq.errors import FxqError, ReplacedTensorError, TraceError
 from fxq.frontend.graph import replace_module
 from fxq.frontend.trace import FloatLeaf, find_regions
 from fxq.summary import QuantizationSummary, summary_of
@@ -70,24 +71,92 @@ def quantize_parts(work: nn.Module, target: nn.Module, parts: list[str], around:
         except FxqError as failure:
             around.append(FloatLeaf(name, f"not quantized: {failure}"[:300]))
             continue
-        keep_plain_attributes(work.get_submodule(name), quantized)
+        keep_plain_attributes(work.get_submodule(name), quantized, name)
         summaries[name] = summary_of(quantized)
         options = options.replace(backend=summaries[name].engine)  # every part on the first one's engine
         replace_module(target, name, quantized)
     return summaries
 
 
-def keep_plain_attributes(original: nn.Module, quantized: nn.Module) -> None:
+def keep_plain_attributes(original: nn.Module, quantized: nn.Module, name: str = "") -> None:
     """Copy the plain attributes the model's own Python code may read from a part (ultralytics' layer loop
-    reads `m.f`, `m.i`, `m.type` of each layer) onto its int8 replacement, so that they also survive a
-    deep copy of a GraphModule (which keeps only what its meta's preserved-attributes entry names; torch.ao's
-    `set_preserved_attributes` uses the same entry)."""
+    reads `m.f`, `m.i`, `m.type` of each layer) onto its int8 replacement, and describe each of the part's
+    own parameters and buffers the replacement lacks by a `FloatTensorDescription` (Hugging Face's ViTModel
+    reads `patch_embeddings.projection.weight.dtype` to cast its input), so that they also survive a deep
+    copy of a GraphModule (which keeps only what its meta's preserved-attributes entry names; torch.ao's
+    `set_preserved_attributes` uses the same entry). `name` is the part's name in the model."""
     kept = {key: value for key, value in vars(original).items()
             if not key.startswith("_") and not hasattr(quantized, key)}
+    tensors = [*original.named_parameters(recurse=False), *original.named_buffers(recurse=False)]
+    kept.update({key: FloatTensorDescription(tensor, name or f"a {type(original).__name__}", key)
+                 for key, tensor in tensors
+                 if tensor is not None and not key.startswith("_") and not hasattr(quantized, key)})
     for key, value in kept.items():
         setattr(quantized, key, value)
     if kept and isinstance(quantized, fx.GraphModule):
         quantized.meta.setdefault(_PRESERVED_ATTRIBUTES, {}).update(kept)
+
+
+class FloatTensorDescription:
+    """What a float model's own code may still read of a parameter or buffer of a part that fxq replaced
+    by its int8 version: dtype, device, shape. The values are not kept (the int8 part holds its own
+    weights); code that uses them (`.data`, arithmetic, a torch function) gets a ReplacedTensorError
+    naming the part, never numbers that differ from the float model's."""
+
+    def __init__(self, tensor: torch.Tensor, part: str, attribute: str) -> None:
+        self.dtype, self.device, self.shape = tensor.dtype, tensor.device, tensor.shape
+        self.requires_grad, self.part, self.attribute = tensor.requires_grad, part, attribute
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def size(self, dim: int | None = None) -> Any:
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def _unavailable(self, use: str) -> ReplacedTensorError:
+        return ReplacedTensorError(
+            f"{self.part}: the model's own code uses {use} of the module's float '{self.attribute}' "
+            f"{tuple(self.shape)}, but fxq quantized the module on its own (the code around it does not trace) "
+            "and its int8 version keeps only the dtype, device and shape of that tensor")
+
+    def _arithmetic(self, *_other: Any) -> Any:
+        raise self._unavailable("the values (in arithmetic or indexing)")
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _arithmetic
+    __matmul__ = __rmatmul__ = __pow__ = __neg__ = __getitem__ = __iter__ = _arithmetic
+
+    def __getattr__(self, attribute: str) -> Any:  # only called for what the instance lacks
+        if attribute.startswith("__") or attribute in ("part", "attribute"):  # copy/pickle protocol lookups
+            raise AttributeError(attribute)
+        raise self._unavailable(f"'.{attribute}'")
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        use = f"the values (in {getattr(func, '__name__', func)})"
+        given = [*args, *(kwargs or {}).values()]
+        given += [item for value in given if isinstance(value, (list, tuple)) for item in value]  # torch.cat
+        described = [value for value in given if isinstance(value, cls)]
+        if not described:
+            raise ReplacedTensorError(f"{use}: a parameter of a module fxq replaced by its int8 version")
+        raise described[0]._unavailable(use)
+
+    def __repr__(self) -> str:
+        return (f"FloatTensorDescription({self.part}.{self.attribute}: {self.dtype}, {tuple(self.shape)}, "
+                f"{self.device}; values not kept)")
 
 
 # The GraphModule.meta key whose attributes GraphModule.__deepcopy__ sets again on the copy.

@@ -13,20 +13,29 @@ import os
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from fxq.backend.engine import available_engines, using_engine
+from fxq.calibration import output_tensors
 from fxq.errors import SerializationError
 from fxq.summary import QuantizationSummary, attach, summary_of
 
 META_FILE = "fxq.json"
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Script `model` and write it atomically to `path` (no partial file on failure)."""
+def save(model: nn.Module, path: str | os.PathLike, example_inputs: Any = None) -> Path:
+    """Script `model` and write it atomically to `path` (no partial file on failure).
+
+    A model whose Python code TorchScript cannot compile (Hugging Face transformers, for one) is traced
+    instead when `example_inputs` are given (a tuple, or a dict of keyword inputs): the saved model then
+    runs the code path those inputs took, returns its outputs as plain tensors, tuples and dicts, and
+    must give the same outputs as `model` on them (else SerializationError).
+    """
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     if not directory.is_dir():
@@ -39,8 +48,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     try:
         scripted = torch.jit.script(model.eval())
     except Exception as exc:  # scripting failures name the offending code
-        raise SerializationError(f"{type(model).__name__} cannot be scripted for saving: "
-                                 f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if example_inputs is None:
+            raise SerializationError(f"{type(model).__name__} cannot be scripted for saving: {reason}; pass "
+                                     "example_inputs to fxq.save to save it traced") from exc
+        scripted = _traced(model, example_inputs, reason)
+        meta["saved_as"] = f"traced on the example inputs (scripting failed: {reason[:200]})"
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     os.close(handle)
     try:
@@ -50,6 +63,28 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise SerializationError(f"cannot save to {target}: {exc}") from exc
     return target
+
+
+def _traced(model: nn.Module, example_inputs: Any, why_not_scripted: str) -> torch.jit.ScriptModule:
+    """`model` traced on `example_inputs`, checked to give the same outputs on them."""
+    keywords = dict(example_inputs) if isinstance(example_inputs, Mapping) else None
+    positional = None if keywords is not None else (
+        example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+    with torch.no_grad():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                traced = torch.jit.trace(model, positional, example_kwarg_inputs=keywords, strict=False,
+                                         check_trace=False)
+        except Exception as exc:
+            raise SerializationError(f"{type(model).__name__} can be neither scripted ({why_not_scripted}) nor traced "
+                                     f"for saving: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
+        expected = output_tensors(model(**keywords) if keywords is not None else model(*positional))
+        actual = output_tensors(traced(**keywords) if keywords is not None else traced(*positional))
+    if len(expected) != len(actual) or any(not torch.equal(e, a) for e, a in zip(expected, actual)):
+        raise SerializationError(f"{type(model).__name__}: its traced form gives other outputs than the model on the "
+                                 "example inputs (its forward branches on values); it cannot be saved faithfully")
+    return traced
 
 
 def _read_meta(source: Path) -> dict:

@@ -16,7 +16,7 @@ from helpers import sqnr
 # 1 dB on the same model).
 MOBILENET_SQNR_FLOOR_DB = 16.0
 
-INT8_CONV_TYPES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+INT8_CONV_TYPES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "fxq.backend.dynamic_linear")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from fxq.samples import random_crops
 from helpers import assert_state_unchanged, state_snapshot
 
 FAST_OPTIONS = dict(optimize_rounding=False)
-INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", "fxq.backend.dynamic_linear")
 MAX_SIZE_RATIO = 0.30  # int8 file / float32 state_dict file
 
 
@@ -62,7 +62,7 @@ def test_every_conv_becomes_an_int8_kernel(resnet, quantized):
                   if "Conv" in type(m).__name__ and type(m).__module__.startswith(INT8_MODULE_PREFIXES)]
     assert len(int8_convs) == len(float_convs)
     int8_linears = [name for name, m in quantized.named_modules()
-                    if type(m).__name__ == "Linear" and type(m).__module__.startswith(INT8_MODULE_PREFIXES)]
+                    if type(m).__name__ in ("Linear", "DynamicLinear") and type(m).__module__.startswith(INT8_MODULE_PREFIXES)]
     assert int8_linears == ["fc"]
 
 

@@ -50,9 +50,10 @@ def test_qat_under_ddp_with_two_ranks():
     assert qat_accuracy >= float_accuracy - MAX_ACCURACY_DROP
     assert ptq_accuracy >= float_accuracy - MAX_ACCURACY_DROP
     assert printed(r"^QAT model identical on all ranks after training: (\w+)", output) == "True"
-    kernels = dict(re.findall(r"(torch\.ao\.nn\.[\w.]+) x(\d+)", printed(r"^QAT int8 kernels: (.*)$", output)))
+    kernels = dict(re.findall(r"((?:torch\.ao\.nn|fxq\.backend)\.[\w.]+) x(\d+)",
+                              printed(r"^QAT int8 kernels: (.*)$", output)))
     assert kernels == {"torch.ao.nn.intrinsic.quantized.modules.conv_relu.ConvReLU2d": "2",
-                       "torch.ao.nn.quantized.dynamic.modules.linear.Linear": "1"}  # the returned head
+                       "fxq.backend.dynamic_linear.DynamicLinear": "1"}  # the returned head
     assert printed(r"^QAT layers left in float: (\d+)", output) == "0"
 
 

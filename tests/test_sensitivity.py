@@ -191,8 +191,8 @@ def test_plot_draws_every_layer(planted_report, tmp_path):
 
 def test_bad_options_and_data_are_rejected(photo_batches):
     calibration, _ = photo_batches
-    with pytest.raises(ConfigError, match="static"):
-        sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, mode="dynamic")
+    with pytest.raises(ConfigError, match="qat"):
+        sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration, mode="qat")
     with pytest.raises(InputError, match="eval_data"):
         sensitivity(planted_model(), calibration[0][:1], calibration_data=calibration,
                     eval_data=[(calibration[0], calibration[0])])

@@ -33,9 +33,10 @@ from fxq.backend.engine import using_engine
 from fxq.backend.op_kinds import is_weighted_quantized_module
 from fxq.calibration import Batch, materialize, output_tensors
 from fxq.config import Mode, QuantOptions
-from fxq.errors import ConfigError, FxqError, InputError, TraceError
+from fxq.errors import ConfigError, FxqError, InputError
 from fxq.frontend.rewrite import unwrap
-from fxq.pipeline import quantize_model
+from fxq.analysis.module_sensitivity import ModuleSensitivityReport, analyze_by_swaps
+from fxq.pipeline import eval_copy, quantize_model
 from fxq.summary import summary_of
 from fxq.validate import as_example_inputs, check_model, positional_batches
 
@@ -458,7 +459,8 @@ def _rank(rows: list[dict[str, Any]]) -> list[LayerSensitivity]:
 
 
 def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iterable[Any],
-                eval_data: Iterable[Any] | None = None, **quantize_options: Any) -> SensitivityReport:
+                eval_data: Iterable[Any] | None = None, **quantize_options: Any
+                ) -> SensitivityReport | ModuleSensitivityReport:
     """Measure how much int8 quantization costs at every quantized layer of `model`.
 
     The model is quantized as `fxq.quantize(model, example_inputs, calibration_data=...,
@@ -469,9 +471,9 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
     `target_sqnr_db`, the report also carries `recommend(target_sqnr_db)`'s verified choice.
     """
     options = QuantOptions.from_kwargs(**quantize_options)
-    if options.mode is not Mode.STATIC:
-        raise ConfigError(f"fxq.sensitivity analyses static int8 quantization; mode={options.mode.value!r} is "
-                          "not supported (drop the mode option)")
+    if options.mode is Mode.QAT:
+        raise ConfigError("fxq.sensitivity analyses post-training quantization; mode='qat' is not supported "
+                          "(drop the mode option, or pass mode='dynamic')")
     check_model(model)
     example_inputs = as_example_inputs(example_inputs, model)
     calibration_batches = materialize(positional_batches(model, calibration_data), example_inputs,
@@ -488,18 +490,18 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
 
 
 def analyze(model: nn.Module, example_inputs: Batch, calibration_batches: list[Batch], eval_batches: list[Batch],
-            options: QuantOptions) -> SensitivityReport:
+            options: QuantOptions) -> SensitivityReport | ModuleSensitivityReport:
     """`sensitivity` on validated inputs: quantize through the pipeline, keeping the float graph it
-    quantized as the reference, and run the two side by side on `eval_batches`."""
+    quantized as the reference, and run the two side by side on `eval_batches`. A model quantized without
+    one graph (dynamic mode, or a forward that does not trace) is measured by module swaps instead
+    (analysis.module_sensitivity)."""
     timings: dict[str, float] = {}
     start = time.perf_counter()
     run = quantize_model(model, example_inputs, calibration_batches, options, keep_float_graph=True)
     timings["quantize"] = round(time.perf_counter() - start, 3)
     quantized, summary = run.model, summary_of(run.model)
     if run.float_graph is None:
-        raise TraceError(f"{type(model).__name__}: its forward does not trace, so it was quantized region by region "
-                         f"({'; '.join(summary.notes)[:200]}); fxq.sensitivity needs one traced graph. Analyse a "
-                         "traceable submodule instead")
+        return analyze_by_swaps(eval_copy(model, example_inputs), quantized, eval_batches, summary.engine)
     reference = run.float_graph.traced.graph
     patterns = {found.nodes[0]: found.pattern for found in run.float_graph.traced.patterns}
     pairs = pair_layers(reference, quantized)

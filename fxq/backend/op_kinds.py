@@ -18,6 +18,7 @@ from torch import fx, nn
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # fxq's own dynamic int8 Linear (backend/dynamic_linear.py), by module path: op_kinds sits below it
 DYNAMIC_LINEAR_MODULE = "fxq.backend.dynamic_linear"
+_INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", DYNAMIC_LINEAR_MODULE)
 DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
 
@@ -100,8 +101,7 @@ def count_conversions(quantized: fx.GraphModule) -> dict[str, int]:
 
 def is_quantized_module(module: nn.Module) -> bool:
     """True for modules that run an int8 kernel (static or dynamic)."""
-    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized",
-                                               DYNAMIC_LINEAR_MODULE))
+    return type(module).__module__.startswith(_INT8_MODULE_PREFIXES)
 
 
 def is_dynamic_quantized_module(module: nn.Module) -> bool:
@@ -120,7 +120,6 @@ def _type_path(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-_INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized")
 _FLOAT_WEIGHT_PATHS = {f"{t.__module__}.{t.__qualname__}" for t in WEIGHT_TYPES}
 
 

@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fxq.analysis.metrics import sqnr_db
 from fxq.calibration import run_batches
 
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 # a smoothed layer must cut its output error at least this much to pay for its multiply
 MIN_ERROR_RATIO = 0.8
+# the smoothed float layer (input / s, weight * s) must give the float layer's output to this SQNR
+MIN_FUNCTION_SQNR_DB = 60.0
 
 # (float Linear, smoothing or None) -> that layer's int8 kernel as a callable on float inputs
 KernelFactory = Callable[[nn.Linear, torch.Tensor | None], Callable[[torch.Tensor], torch.Tensor]]
@@ -32,11 +36,13 @@ KernelFactory = Callable[[nn.Linear, torch.Tensor | None], Callable[[torch.Tenso
 
 @dataclass(frozen=True)
 class SmoothingChoice:
-    """One layer's measured choice: alpha (None: not smoothed) and its output error relative to none."""
+    """One layer's measured choice: alpha (None: not smoothed), its int8 output error relative to none,
+    and how exactly the smoothed float layer computes the float layer (SQNR, worst call)."""
 
     layer: str
     alpha: float | None
     error_ratio: float
+    function_sqnr_db: float = float("inf")
 
 
 def smoothing_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -65,21 +71,29 @@ def _input_absmax(model: nn.Module, linears: Mapping[str, nn.Linear], batches: S
 
 
 def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple],
-                     kernel: KernelFactory) -> tuple[dict[str, torch.Tensor], list[SmoothingChoice]]:
-    """Per layer of `linears` (submodules of `model`, by name): the smoothing factors that bring its int8
-    output (`kernel`) closest to its float output on `batches`, if any brings it below MIN_ERROR_RATIO
-    of the unsmoothed error. Returns the factors by layer and every layer's measured choice."""
+                     kernel: KernelFactory, unsmoothed: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], list[SmoothingChoice]]:
+    """Per layer of `linears` (submodules of the float `model`, by name): the smoothing factors that bring
+    its int8 output (`kernel`) closest to its float output on `batches`, if any brings it below
+    MIN_ERROR_RATIO of the unsmoothed error; the unsmoothed int8 layer is `kernel(linear, None)` unless
+    `unsmoothed` gives it (e.g. weights already rounded by optimize_rounding). Returns the factors by
+    layer and every layer's measured choice."""
     absmax = _input_absmax(model, linears, batches)
     candidates = {name: {alpha: smoothing_factors(absmax[name], linear.weight, alpha) for alpha in ALPHAS}
                   for name, linear in linears.items() if name in absmax}
     kernels = {name: {alpha: kernel(linears[name], factors) for alpha, factors in by_alpha.items()}
-               | {None: kernel(linears[name], None)} for name, by_alpha in candidates.items()}
+               | {None: (unsmoothed or {}).get(name) or kernel(linears[name], None)}
+               for name, by_alpha in candidates.items()}
     errors = {name: dict.fromkeys(by_alpha, 0.0) for name, by_alpha in kernels.items()}
+    function_sqnr = {name: dict.fromkeys(by_alpha, float("inf")) for name, by_alpha in candidates.items()}
 
     def measure(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             for alpha, run in kernels[name].items():
                 errors[name][alpha] += float((run(args[0]) - output).pow(2).sum())
+            for alpha, factors in candidates[name].items():  # the rewrite itself, in float
+                smoothed = F.linear(args[0] / factors, module.weight * factors, module.bias)
+                function_sqnr[name][alpha] = min(function_sqnr[name][alpha], sqnr_db(output, smoothed))
         return hook
 
     handles = [linears[name].register_forward_hook(measure(name)) for name in kernels]
@@ -91,11 +105,12 @@ def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches
     factors, choices = {}, []
     for name, by_alpha in errors.items():
         plain = by_alpha.pop(None)
-        alpha = min(by_alpha, key=by_alpha.__getitem__)
-        ratio = by_alpha[alpha] / plain if plain > 0 else 1.0
-        if ratio < MIN_ERROR_RATIO:
+        exact = {alpha: error for alpha, error in by_alpha.items() if function_sqnr[name][alpha] >= MIN_FUNCTION_SQNR_DB}
+        alpha = min(exact, key=exact.__getitem__) if exact else None
+        ratio = exact[alpha] / plain if alpha is not None and plain > 0 else 1.0
+        if alpha is not None and ratio < MIN_ERROR_RATIO:
             factors[name] = candidates[name][alpha]
-            choices.append(SmoothingChoice(name, alpha, ratio))
+            choices.append(SmoothingChoice(name, alpha, ratio, function_sqnr[name][alpha]))
         else:
             choices.append(SmoothingChoice(name, None, 1.0))
     return factors, choices

@@ -25,7 +25,8 @@ def engine_summary(options: QuantOptions, choice: EngineChoice, **fields: Any) -
 
 
 def dynamic_output_rewrites(names: Iterable[str]) -> list[str]:
-    return [f"returned linear as dynamic int8 (float output, no output rounding): {name}" for name in names]
+    return [f"linear with no int8 neighbour as dynamic int8 (input range per call, float output): {name}"
+            for name in names]
 
 
 def _innermost(name: str, around: Iterable[FloatLeaf]) -> FloatLeaf | None:
