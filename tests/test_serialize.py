@@ -2,7 +2,6 @@
 
 from __future__ import annotations  # on purpose: the forward's annotations below are strings (PEP 563)
 
-import pytest
 import torch
 from torch import nn
 
