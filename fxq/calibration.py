@@ -142,3 +142,22 @@ def check_float_outputs(model: nn.Module, batches: Sequence[Batch]) -> None:
             where = first_nonfinite_module(model, batch) or "the model's own forward"
             raise CalibrationError(f"{where}: produces NaN or Inf on calibration batch {index}; fix the "
                                    "model or the data (int8 ranges cannot be computed from non-finite values)")
+
+
+# Below this many calibration samples the summary warns: activation ranges come from these samples alone.
+FEW_CALIBRATION_SAMPLES = 32
+
+
+def few_samples_note(batches: Sequence[Batch]) -> str | None:
+    """A note for the summary when the calibration batches hold fewer than FEW_CALIBRATION_SAMPLES samples
+    (counted along the first dimension of each batch's first tensor), else None."""
+    samples = 0
+    for batch in batches:
+        first = next((value for value in batch if isinstance(value, torch.Tensor)), None)
+        samples += int(first.shape[0]) if first is not None and first.dim() > 0 else 1
+    if samples >= FEW_CALIBRATION_SAMPLES:
+        return None
+    return (f"calibrated on {samples} sample(s): activation ranges come from these alone, and inputs that go "
+            f"beyond them are clipped; {FEW_CALIBRATION_SAMPLES} or more representative samples (a few hundred "
+            "where you have them) give ranges that hold on new data")
+

@@ -32,7 +32,8 @@ from fxq.backend.float_outputs import dynamic_output_linears
 from fxq.backend.kernel_choice import convert_on_most_faithful_engine, engine_for_graph
 from fxq.backend.op_kinds import count_conversions, quantizes_op, weighted_layers
 from fxq.backend.weight_bits import measured_weight_grid
-from fxq.calibration import Batch, check_float_outputs, materialize, output_tensors, run_batches
+from fxq.calibration import (Batch, check_float_outputs, few_samples_note, materialize, output_tensors,
+                             run_batches)
 from fxq.config import Mode, QuantOptions, covered_modules, key_covers
 from fxq.errors import FxqError, TraceError
 from fxq.frontend.canonicalize import canonicalize_layers
@@ -231,6 +232,7 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
         float_graph = build_float_graph(traced, example_inputs, batches, options, choice, timer)
         kept = copy.deepcopy(float_graph) if keep_float_graph else None
         quantized, summary = _quantize_static(float_graph, example_inputs, batches, options, timer)
+        summary.notes += [few] if (few := few_samples_note(batches)) else []
         return PipelineResult(_finish(quantized, summary, example_inputs), kept)
 
 

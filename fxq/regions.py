@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx, nn
 
-from fxq.calibration import Batch, check_float_outputs, materialize
+from fxq.calibration import Batch, check_float_outputs, few_samples_note, materialize
 from fxq.config import QuantOptions
 from fxq.errors import FxqError, ReplacedTensorError, TraceError
 from fxq.frontend.graph import replace_module
@@ -177,7 +177,9 @@ def quantize_regions(work: nn.Module, example_inputs: Batch, calibration_data: I
     summaries = quantize_parts(work, work, regions, around, [example_inputs] + batches, options, quantize_part)
     note = (f"{type(work).__name__}.forward does not trace ({reason}); quantized separately: "
             f"{', '.join(summaries) or 'nothing'}")
-    return work, regions_summary(options, work, around, summaries, timings_s, note)
+    summary = regions_summary(options, work, around, summaries, timings_s, note)
+    summary.notes += [few] if (few := few_samples_note(batches)) else []
+    return work, summary
 
 
 def quantize_inside_leaves(work: nn.Module, quantized: nn.Module, leaves: list[FloatLeaf], runs: list[Batch],

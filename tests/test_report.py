@@ -103,3 +103,13 @@ def test_a_summary_prints_as_lines_a_user_can_read():
                                            keep_float=["2"])))
     assert text.startswith("engine ") and "biases corrected" in text and "steps (s): trace" in text
     assert "float layer 2: keep_float" in text
+
+
+@pytest.mark.parametrize("count,warned", [(2, True), (8, False)])
+def test_the_summary_says_when_calibration_had_few_samples(count, warned):
+    """Batches of 4: 8 samples get the note, 32 do not."""
+    model = tiny().eval()
+    batches = _batches(0, count)
+    summary = fxq.summary_of(fxq.quantize(model, batches[0][:1], calibration_data=batches))
+    notes = [note for note in summary.notes if note.startswith("calibrated on")]
+    assert [note.split(":")[0] for note in notes] == (["calibrated on 8 sample(s)"] if warned else [])

@@ -24,6 +24,9 @@ from torch import nn
 from fxq.analysis.metrics import sqnr_db
 from fxq.calibration import run_batches
 
+# Up to 0.9: with 0.95 and 1.0 as well, 13 of MiniLM's 37 layers took them (each layer's own output error
+# was lower) and its embedding SQNR fell from 22.9 to 20.6 dB; migrating all of a channel's range into the
+# weights costs more downstream than the layer's own error shows.
 ALPHAS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 # a smoothed layer must cut its output error at least this much to pay for its multiply
 MIN_ERROR_RATIO = 0.8
