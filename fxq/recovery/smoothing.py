@@ -55,13 +55,32 @@ def smoothing_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: f
     return torch.where(input_absmax > 0, factors.clamp(min=1e-5), torch.ones_like(factors))
 
 
-def _input_absmax(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple]) -> dict[str, torch.Tensor]:
+# Inputs of the measured layers are kept from the first pass over the calibration batches while they hold
+# at most this many values (256 MB), so that the choice needs no second pass (a CNN's classifier head);
+# beyond it (a transformer's every Linear), the batches run a second time.
+KEPT_INPUT_VALUES = 64 * 2**20
+
+
+def _first_pass(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple]
+                ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]] | None]:
+    """Per layer: the largest |input| of each input channel, and every call's input (None when they would
+    hold more than KEPT_INPUT_VALUES values)."""
     absmax: dict[str, torch.Tensor] = {}
+    inputs: dict[str, list[torch.Tensor]] | None = {name: [] for name in linears}
+    kept = 0
 
     def record(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(dim=0).float()
-            absmax[name] = torch.maximum(absmax[name], x) if name in absmax else x
+            nonlocal inputs, kept
+            x = args[0].detach()
+            channels = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            absmax[name] = torch.maximum(absmax[name], channels) if name in absmax else channels
+            if inputs is not None:
+                kept += x.numel()
+                if kept > KEPT_INPUT_VALUES:
+                    inputs = None
+                else:
+                    inputs[name].append(x.clone())
         return hook
 
     handles = [linear.register_forward_pre_hook(record(name)) for name, linear in linears.items()]
@@ -70,7 +89,7 @@ def _input_absmax(model: nn.Module, linears: Mapping[str, nn.Linear], batches: S
     finally:
         for handle in handles:
             handle.remove()
-    return absmax
+    return absmax, inputs
 
 
 def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple],
@@ -81,7 +100,7 @@ def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches
     MIN_ERROR_RATIO of the unsmoothed error; the unsmoothed int8 layer is `kernel(linear, None)` unless
     `unsmoothed` gives it (e.g. weights already rounded by optimize_rounding). Returns the factors by
     layer and every layer's measured choice."""
-    absmax = _input_absmax(model, linears, batches)
+    absmax, inputs = _first_pass(model, linears, batches)
     candidates = {name: {alpha: smoothing_factors(absmax[name], linear.weight, alpha) for alpha in ALPHAS}
                   for name, linear in linears.items() if name in absmax}
     kernels = {name: {alpha: kernel(linears[name], factors) for alpha, factors in by_alpha.items()}
@@ -90,21 +109,27 @@ def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches
     errors = {name: dict.fromkeys(by_alpha, 0.0) for name, by_alpha in kernels.items()}
     function_sqnr = {name: dict.fromkeys(by_alpha, float("inf")) for name, by_alpha in candidates.items()}
 
-    def measure(name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            for alpha, run in kernels[name].items():
-                errors[name][alpha] += float((run(args[0]) - output).pow(2).sum())
-            for alpha, factors in candidates[name].items():  # the rewrite itself, in float
-                smoothed = F.linear(args[0] / factors, module.weight * factors, module.bias)
-                function_sqnr[name][alpha] = min(function_sqnr[name][alpha], sqnr_db(output, smoothed))
-        return hook
+    def measure(name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        layer = linears[name]
+        for alpha, run in kernels[name].items():
+            errors[name][alpha] += float((run(x) - output).pow(2).sum())
+        for alpha, factors in candidates[name].items():  # the rewrite itself, in float
+            smoothed = F.linear(x / factors, layer.weight * factors, layer.bias)
+            function_sqnr[name][alpha] = min(function_sqnr[name][alpha], sqnr_db(output, smoothed))
 
-    handles = [linears[name].register_forward_hook(measure(name)) for name in kernels]
-    try:
-        run_batches(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
+    if inputs is not None:
+        with torch.no_grad():
+            for name in kernels:
+                for x in inputs[name]:
+                    measure(name, x, linears[name](x))
+    else:
+        handles = [linears[name].register_forward_hook(
+            lambda module, args, output, name=name: measure(name, args[0], output)) for name in kernels]
+        try:
+            run_batches(model, batches)
+        finally:
+            for handle in handles:
+                handle.remove()
     factors, choices = {}, []
     for name, by_alpha in errors.items():
         plain = by_alpha.pop(None)
