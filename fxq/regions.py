@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from fxq.calibration import Batch, check_float_outputs, few_samples_note, materialize
-from fxq.config import QuantOptions
+from fxq.config import QuantOptions, key_covers
 from fxq.errors import FxqError, ReplacedTensorError, TraceError
 from fxq.frontend.graph import replace_module
 from fxq.frontend.trace import FloatLeaf, find_regions
@@ -60,6 +60,9 @@ def quantize_parts(work: nn.Module, target: nn.Module, parts: list[str], around:
     calls = capture_calls(work, parts, runs)
     summaries = {}
     for name in parts:
+        if key_covers(options.keep_float, name, work.get_submodule(name)):
+            around.append(FloatLeaf(name, "keep_float"))
+            continue
         example_calls = calls[name][0]
         part_batches = [args for run in calls[name][1:] for args in run]
         if not example_calls or None in example_calls or None in part_batches:

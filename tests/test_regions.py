@@ -69,6 +69,16 @@ def test_static_regions_keep_the_attributes_the_models_own_loop_reads():
         assert sqnr(torch.cat([model(b) for b in evaluation]), torch.cat([quantized(b) for b in evaluation])) > 25.0
 
 
+def test_keep_float_names_a_region():
+    torch.manual_seed(0)
+    model = LoopOverLayers().eval()
+    calibration = _photos(1)
+    quantized = fxq.quantize(model, calibration[0][:1], calibration_data=calibration, keep_float=["layers.1"])
+    assert type(quantized.layers[1]) is nn.Sequential and type(quantized.layers[1][0]) is nn.Conv2d
+    assert "layers.0.0" in weighted_layers(quantized).int8  # the other regions are still quantized
+    assert "keep_float" in dict(fxq.summary_of(quantized).float_layers)["layers.1.0"]
+
+
 def test_qat_trains_and_converts_each_region_of_an_untraceable_model():
     torch.manual_seed(0)
     model = LoopOverLayers().eval()

@@ -149,7 +149,8 @@ def is_weighted_module(module: nn.Module) -> bool:
 
 def weighted_layers(quantized_model: nn.Module) -> WeightedLayers:
     """Every conv / linear call of the model: module calls, functional calls with packed int8 weights, and
-    the conv / linear modules inside submodules that run as opaque float code (untraceable leaves).
+    the conv / linear modules inside submodules that run as opaque float code (untraceable leaves), and in
+    a model quantized region by region, those of its float code around the regions.
 
     Counted over graph nodes when the model is an fx.GraphModule (a module called twice counts twice), over
     modules otherwise (a model loaded with fxq.load).
@@ -187,6 +188,11 @@ def weighted_layers(quantized_model: nn.Module) -> WeightedLayers:
                     int8.append(f"{scope}{node.name}")
                 elif node.target in _FLOAT_WEIGHTED_FUNCTIONS:
                     floating.append(f"{scope}{node.name}")
+    if "" not in inside_graphs:  # a model quantized region by region: its float code around the graphs
+        in_graph = tuple(f"{name}." for name in inside_graphs)
+        floating += [name for name, module in quantized_model.named_modules()
+                     if isinstance(module, WEIGHT_TYPES) and name not in inside_graphs
+                     and not name.startswith(in_graph) and name not in floating]
     return WeightedLayers(int8, floating)
 
 

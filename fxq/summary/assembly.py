@@ -62,7 +62,7 @@ def untraceable_layers(model: nn.Module, around: list[FloatLeaf]) -> list[tuple[
     for name in weighted_layers(model).float:
         leaf = _innermost(name, around)
         if leaf is not None:
-            listed.append((name, f"untraceable: {leaf.reason}"))
+            listed.append((name, leaf.reason if leaf.reason == "keep_float" else f"untraceable: {leaf.reason}"))
     return listed
 
 
