@@ -76,7 +76,9 @@ def test_keep_float_names_a_region():
     quantized = fxq.quantize(model, calibration[0][:1], calibration_data=calibration, keep_float=["layers.1"])
     assert type(quantized.layers[1]) is nn.Sequential and type(quantized.layers[1][0]) is nn.Conv2d
     assert "layers.0.0" in weighted_layers(quantized).int8  # the other regions are still quantized
-    assert "keep_float" in dict(fxq.summary_of(quantized).float_layers)["layers.1.0"]
+    float_layers = fxq.summary_of(quantized).float_layers
+    assert "keep_float" in dict(float_layers)["layers.1.0"]
+    assert len({name for name, _ in float_layers}) == len(float_layers)  # each float layer listed once
 
 
 def test_qat_trains_and_converts_each_region_of_an_untraceable_model():

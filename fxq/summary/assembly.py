@@ -128,7 +128,7 @@ def regions_summary(options: QuantOptions, work: nn.Module, around: list[FloatLe
                     parts: Mapping[str, QuantizationSummary], timings_s: dict[str, float],
                     note: str) -> QuantizationSummary:
     """The summary of a model quantized region by region: the parts' summaries merged, the untraceable
-    code around them listed as float."""
+    code around them listed as float (a float layer inside a part is listed once, with the part's reason)."""
     first = next(iter(parts.values()), None)
     merged = QuantizationSummary(
         options=options.describe(), engine=first.engine if first else options.backend.value,
@@ -136,7 +136,7 @@ def regions_summary(options: QuantOptions, work: nn.Module, around: list[FloatLe
         reduce_range=any(s.reduce_range for s in parts.values()),
         kernel_saturates=any(s.kernel_saturates for s in parts.values()),
         seven_bit_weights=any(s.seven_bit_weights for s in parts.values()),
-        float_layers=untraceable_layers(work, around),
+        float_layers=[(name, why) for name, why in untraceable_layers(work, around) if not key_covers(parts, name)],
         float_ops=untraceable_ops(around, parts),
         conversions={k: sum(s.conversions.get(k, 0) for s in parts.values()) for k in ("quantize", "dequantize")},
         timings_s=dict(timings_s), notes=[note])
