@@ -135,18 +135,18 @@ def main() -> None:
     single = sentences.encode(tokenizer, sentences.sentences(1, skip=400))
     reference = sentences.embeddings(model, evaluation)
 
-    # per flow: name -> (build(example) -> model, note)
-    builds: dict[str, tuple[Callable[[dict], Any], str]] = {
-        "float (eager)": (lambda example: model, ""),
-        "PyTorch eager quantize_dynamic": (lambda example: _eager_dynamic(model), ""),
-        "fxq dynamic": (lambda example: fxq.quantize(model, example, mode="dynamic", calibration_data=calibration), ""),
-        "fxq static": (lambda example: fxq.quantize(model, example, calibration_data=calibration), ""),
-        f"fxq static, target_sqnr_db={args.target:g}": (
-            lambda example: fxq.quantize(model, example, calibration_data=calibration, target_sqnr_db=args.target), ""),
+    # per flow: name -> build(example inputs) -> model
+    builds: dict[str, Callable[[dict], Any]] = {
+        "float (eager)": lambda example: model,
+        "PyTorch eager quantize_dynamic": lambda example: _eager_dynamic(model),
+        "fxq dynamic": lambda example: fxq.quantize(model, example, mode="dynamic", calibration_data=calibration),
+        "fxq static": lambda example: fxq.quantize(model, example, calibration_data=calibration),
+        f"fxq static, target_sqnr_db={args.target:g}":
+            lambda example: fxq.quantize(model, example, calibration_data=calibration, target_sqnr_db=args.target),
     }
     rows, timings, notes = [], {}, []
     built: dict[str, dict[int, Any]] = {}
-    for name, (build, _) in builds.items():
+    for name, build in builds.items():
         built[name] = {}
         for size, example in ((BATCH, calibration[0]), (1, single)):
             start = time.perf_counter()

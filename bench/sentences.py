@@ -67,7 +67,7 @@ def _last_hidden_state(output: Any) -> torch.Tensor:
         return output
     if isinstance(output, dict):
         return output["last_hidden_state"]
-    return getattr(output, "last_hidden_state", None) if hasattr(output, "last_hidden_state") else output[0]
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
 
 def embeddings(model: nn.Module, inputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from fxq.analysis.module_sensitivity import ModuleSensitivityReport
+from fxq.analysis.search import fewest_passing
 from fxq.analysis.sensitivity import analyze
 from fxq.calibration import Batch
 from fxq.config import QuantOptions, key_covers
@@ -124,24 +125,11 @@ def quantize_to_metric(model: nn.Module, example_inputs: Batch, batches: Sequenc
             scores[count] = float(eval_fn(models[count]))
         return float_score - scores[count] <= max_drop
 
-    low, high = 0, None  # low fails, high (when known) passes
-    if not score_with(0):
-        count = 1
-        while high is None:
-            count = min(count, len(units))
-            if score_with(count):
-                high = count
-            elif count == len(units):
-                raise ConfigError(
-                    f"max_drop={max_drop:g} is out of reach: float scores {float_score:.4g}, and with all "
-                    f"{count} measured blocks in float the model scores {scores[count]:.4g}; raise max_drop")
-            else:
-                low, count = count, count * 2
-        while high - low > 1 and len(scores) < max_verifications:
-            middle = (low + high) // 2
-            low, high = (low, middle) if score_with(middle) else (middle, high)
-    else:
-        high = 0
+    high = fewest_passing(len(units), score_with, lambda: len(scores) < max_verifications)
+    if high is None:
+        raise ConfigError(
+            f"max_drop={max_drop:g} is out of reach: float scores {float_score:.4g}, and with all "
+            f"{len(units)} measured blocks in float the model scores {scores[len(units)]:.4g}; raise max_drop")
     quantized = models[high]
     summary = summary_of(quantized)
     kept = [unit.name for unit in units[:high]]

@@ -25,7 +25,6 @@ from torch import fx, nn
 from fxq import regions
 from fxq.analysis.metrics import ErrorStats
 from fxq.backend import engine
-from fxq.backend.dynamic_linear import DynamicLinear
 from fxq.backend.conv_add import fusable_convs, fused_layers
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.backend.float_outputs import dynamic_output_linears
@@ -250,8 +249,8 @@ def _dynamic_smoothing(model: nn.Module, linears: dict[str, nn.Linear], batches:
         return {}, []
     with timer.step("smoothing"):
         factors, choices = choose_smoothing(
-            model, linears, batches, lambda linear, smoothing: DynamicLinear.from_linear(
-                linear, choice.dynamic_reduce_range, smoothing, options.per_channel_weights), unsmoothed)
+            model, linears, batches, lambda linear, smoothing: engine.dynamic_linear(linear, options, choice, smoothing),
+            unsmoothed)
     return factors, [f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error x{c.error_ratio:.2f}, "
                      f"smoothed float layer vs float {c.function_sqnr_db:.0f} dB)" for c in choices if c.alpha is not None]
 
@@ -280,8 +279,7 @@ def _smooth_isolated_linears(quantized: nn.Module, float_gm: fx.GraphModule, nam
                                         {name: quantized.get_submodule(name) for name in linears})
     with engine.using_engine(choice.engine):
         for name, smoothing in factors.items():
-            replace_module(quantized, name, DynamicLinear.from_linear(
-                linears[name], choice.dynamic_reduce_range, smoothing, options.per_channel_weights))
+            replace_module(quantized, name, engine.dynamic_linear(linears[name], options, choice, smoothing))
     return lines
 
 

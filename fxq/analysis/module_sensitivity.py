@@ -20,10 +20,12 @@ import torch
 from torch import nn
 
 from fxq.analysis.metrics import sqnr_db
+from fxq.analysis.search import fewest_passing
 from fxq.backend.op_kinds import is_quantized_module
 from fxq.calibration import Batch, output_tensors
 from fxq.config import key_covers
 from fxq.errors import ConfigError
+from fxq.frontend.graph import replace_module
 from fxq.summary import attach, summary_of
 
 
@@ -67,11 +69,6 @@ def replaced_units(float_model: nn.Module, quantized: nn.Module) -> list[str]:
 
     visit("", quantized)
     return units
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 class _Outputs:
@@ -141,7 +138,7 @@ class ModuleSensitivityReport:
         copy of its summary that lists them float (with their solo SQNR from `units`)."""
         model = copy.deepcopy(quantized)
         for name in names:
-            _set(model, name, copy.deepcopy(float_model.get_submodule(name)).eval())
+            replace_module(model, name, copy.deepcopy(float_model.get_submodule(name)).eval())
         summary = summary_of(quantized)
         if summary is not None:
             summary = copy.deepcopy(summary)
@@ -162,22 +159,10 @@ class ModuleSensitivityReport:
                 attempts[count] = self._outputs.sqnr(self.with_float(order[:count]))
             return attempts[count] >= target_sqnr_db
 
-        low, high = 0, None
-        if reaches(0):
-            high = 0
-        count = 1
-        while high is None:
-            count = min(count, len(order))
-            if reaches(count):
-                high = count
-            elif count == len(order):
-                raise ConfigError(f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {count} int8 units "
-                                  f"float again the model measures {attempts[count]:.1f} dB; lower the target")
-            else:
-                low, count = count, count * 2
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (low, middle) if reaches(middle) else (middle, high)
+        high = fewest_passing(len(order), reaches)
+        if high is None:
+            raise ConfigError(f"target_sqnr_db={target_sqnr_db:g} is out of reach: with all {len(order)} int8 units "
+                              f"float again the model measures {attempts[len(order)]:.1f} dB; lower the target")
         self.recommendation = SwapRecommendation(target_sqnr_db, order[:high], attempts[high], dict(sorted(attempts.items())))
         return self.recommendation
 
@@ -191,12 +176,13 @@ def analyze_by_swaps(float_model: nn.Module, quantized: nn.Module, eval_batches:
     outputs = _Outputs(float_model, eval_batches)
     accumulated = _accumulated_sqnr(float_model, quantized, names, outputs.batches)
     units = []
+    solo = copy.deepcopy(float_model)  # one unit in int8 at a time, put back after its measurement
     for name in names:
-        solo = copy.deepcopy(float_model)
-        _set(solo, name, quantized.get_submodule(name))
-        module = quantized.get_submodule(name)
+        module, original = quantized.get_submodule(name), solo.get_submodule(name)
+        replace_module(solo, name, module)
         op = "region" if isinstance(module, torch.fx.GraphModule) else type(module).__name__
         units.append(UnitSensitivity(name, op, outputs.sqnr(solo), accumulated[name]))
+        replace_module(solo, name, original)
     for rank, unit in enumerate(sorted(units, key=lambda u: u.solo_sqnr_db), start=1):
         unit.impact_rank = rank
     return ModuleSensitivityReport(units, outputs.sqnr(quantized), engine, quantized, float_model, outputs)

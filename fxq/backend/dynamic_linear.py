@@ -71,9 +71,10 @@ class DynamicLinear(nnqd.Linear):
         return module
 
     @classmethod
-    def from_dynamic(cls, dynamic: nnqd.Linear, reduce_range: bool) -> "DynamicLinear":
-        """The same int8 weight and bias as torch.ao's `dynamic` Linear, with fxq's input grid."""
-        weight = dynamic.weight()
-        module = cls(weight.shape[1], weight.shape[0], dynamic.bias() is not None, reduce_range=reduce_range)
-        module.set_weight_bias(weight, dynamic.bias())
+    def from_int8(cls, int8_linear: nn.Module, reduce_range: bool) -> "DynamicLinear":
+        """The same int8 weight and bias as torch.ao's static or dynamic int8 Linear `int8_linear`, with fxq's
+        input grid."""
+        weight, bias = int8_linear.weight(), int8_linear.bias()
+        module = cls(weight.shape[1], weight.shape[0], bias is not None, reduce_range=reduce_range)
+        module.set_weight_bias(weight, bias)
         return module

@@ -30,7 +30,7 @@ from fxq.backend.prelu_slopes import PReLUSlopeObserver
 from fxq.config import Backend, Observer, QuantOptions, key_covers
 from fxq.backend.op_kinds import DYNAMIC_TYPES, is_quantized_module
 from fxq.errors import UnsupportedBackendError
-from fxq.frontend.graph import get_module
+from fxq.frontend.graph import get_module, replace_module
 
 __all__ = [
     "EngineChoice", "WeightGrid", "Bound", "weight_grid", "available_engines", "using_engine",
@@ -38,7 +38,7 @@ __all__ = [
     "build_static_qconfig_mapping", "prepare_static", "prepare_qat", "prepare_dynamic",
     "quantize_dynamic_modules", "convert",
     "convert_reference", "repack_weights", "range_choices", "freeze_observers", "freeze_bn_stats",
-    "refine_dynamic_linears", "weight_qparams", "fake_quantize_weight", "install_weights",
+    "refine_dynamic_linears", "dynamic_linear", "weight_qparams", "fake_quantize_weight", "install_weights",
 ]
 
 # torch.ao prints a deprecation notice on every prepare/convert; fxq pins the version and says so once.
@@ -370,9 +370,7 @@ def quantize_dynamic_modules(model: nn.Module, options: QuantOptions, choice: En
     linears = {name: module for name, module in chosen.items() if type(module) is nn.Linear}
     with using_engine(choice.engine):
         for name, linear in linears.items():
-            dynamic = DynamicLinear.from_linear(linear, choice.dynamic_reduce_range, (smoothing or {}).get(name),
-                                                options.per_channel_weights)
-            _set_submodule(model, name, dynamic)
+            replace_module(model, name, dynamic_linear(linear, options, choice, (smoothing or {}).get(name)))
         recurrent = {name: default_dynamic_qconfig for name in chosen if name not in linears}
         if recurrent:
             quantize_dynamic(model, recurrent, inplace=True)
@@ -390,16 +388,18 @@ def refine_dynamic_linears(quantized: nn.Module, float_linears: Mapping[str, nn.
     with using_engine(choice.engine):
         for name, module in list(quantized.named_modules()):
             if type(module) is nnqd.Linear and name in float_linears:
-                _set_submodule(quantized, name, DynamicLinear.from_linear(
-                    float_linears[name], choice.dynamic_reduce_range, (smoothing or {}).get(name),
-                    options.per_channel_weights))
+                replace_module(quantized, name, dynamic_linear(float_linears[name], options, choice,
+                                                               (smoothing or {}).get(name)))
                 swapped.append(name)
     return swapped
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def dynamic_linear(linear: nn.Linear, options: QuantOptions, choice: EngineChoice,
+                   smoothing: torch.Tensor | None = None) -> DynamicLinear:
+    """fxq's dynamic int8 Linear for the float `linear`: the input grid `choice` allows, the weight grid
+    `options` asks for, and `smoothing` (one factor per input channel) if given. Packs for the current
+    engine (call it under `using_engine(choice.engine)`)."""
+    return DynamicLinear.from_linear(linear, choice.dynamic_reduce_range, smoothing, options.per_channel_weights)
 
 
 def convert(prepared: fx.GraphModule, choice: EngineChoice, conv_adds: Iterable[str] = ()) -> fx.GraphModule:

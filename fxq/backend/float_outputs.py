@@ -35,9 +35,10 @@ from fxq.backend.engine import using_engine
 from fxq.frontend.graph import only_user, replace_module
 
 
-def _isolated_linears(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
-    """(linear node, its dequantize node) for each static int8 Linear (a module called once) whose output
-    is only dequantized, and either returned or computed from an input quantized from float for it alone."""
+def _isolated_linears(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node | None]]:
+    """(linear node, its dequantize node, the quantize node made for it alone or None) for each static int8
+    Linear (a module called once) whose output is only dequantized, and either returned or computed from an
+    input quantized from float for it alone."""
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     found = []
     for node in gm.graph.nodes:
@@ -47,11 +48,11 @@ def _isolated_linears(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
         if dequantize is None or dequantize.op != "call_method" or dequantize.target != "dequantize":
             continue
         source = node.args[0]
-        quantized_for_it = isinstance(source, fx.Node) and source.op == "call_function" \
-            and source.target is torch.quantize_per_tensor and len(source.users) == 1
+        quantize_node = source if isinstance(source, fx.Node) and source.op == "call_function" \
+            and source.target is torch.quantize_per_tensor and len(source.users) == 1 else None
         returned = all(user.op == "output" for user in dequantize.users)
-        if dequantize.users and (quantized_for_it or returned):
-            found.append((node, dequantize))
+        if dequantize.users and (quantize_node is not None or returned):
+            found.append((node, dequantize, quantize_node))
     return found
 
 
@@ -60,19 +61,12 @@ def dynamic_output_linears(gm: fx.GraphModule, engine: str, reduce_range: bool) 
     value its input was quantized from (or that input dequantized), on 7-bit inputs only if `reduce_range`
     (EngineChoice.dynamic_reduce_range). Returns the layers rewritten."""
     rewritten = []
-    for linear, dequantize in _isolated_linears(gm):
-        static = gm.get_submodule(linear.target)
-        weight = static.weight()
+    for linear, dequantize, quantize_node in _isolated_linears(gm):
         with using_engine(engine):
-            dynamic = DynamicLinear(weight.shape[1], weight.shape[0], static.bias() is not None,
-                                    reduce_range=reduce_range)
-            dynamic.set_weight_bias(weight, static.bias())
-        source = linear.args[0]
-        quantize_node = source if isinstance(source, fx.Node) and source.op == "call_function" \
-            and source.target is torch.quantize_per_tensor and len(source.users) == 1 else None
+            dynamic = DynamicLinear.from_int8(gm.get_submodule(linear.target), reduce_range)
         with gm.graph.inserting_before(linear):
             float_input = quantize_node.args[0] if quantize_node is not None \
-                else gm.graph.call_method("dequantize", (source,))
+                else gm.graph.call_method("dequantize", (linear.args[0],))
         linear.args = (float_input,) + tuple(linear.args[1:])
         dequantize.replace_all_uses_with(linear)
         gm.graph.erase_node(dequantize)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from fxq.frontend.graph import replace_module
+
 
 @dataclass(frozen=True)
 class Decomposition:
@@ -213,11 +215,6 @@ def may_decompose(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 def decompose_attention(model: nn.Module, gm: fx.GraphModule,
                         same_outputs: Callable[[], bool]) -> list[Decomposition]:
     """Replace eligible attention blocks of `model` (fxq's working copy) in place; returns what changed.
@@ -243,9 +240,9 @@ def decompose_attention(model: nn.Module, gm: fx.GraphModule,
     if not candidates:
         return []
     for name, (_, replacement, _) in candidates.items():
-        _set(model, name, replacement)
+        replace_module(model, name, replacement)
     applied = same_outputs()
     if not applied:  # undone, and reported: the blocks stay opaque (their linear layers float)
         for name, (original, _, _) in candidates.items():
-            _set(model, name, original)
+            replace_module(model, name, original)
     return [Decomposition(name, kind, applied) for name, (_, _, kind) in candidates.items()]

@@ -25,8 +25,8 @@ def only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def replace_module(gm: fx.GraphModule, qualified_name: str, new_module: nn.Module) -> None:
-    """Put `new_module` at `qualified_name` (a dotted path) inside `gm`."""
+def replace_module(gm: nn.Module, qualified_name: str, new_module: nn.Module) -> None:
+    """Put `new_module` at `qualified_name` (a dotted path) inside `gm` (a GraphModule or any module)."""
     parent_name, _, child_name = qualified_name.rpartition(".")
     parent = gm.get_submodule(parent_name) if parent_name else gm
     setattr(parent, child_name, new_module)

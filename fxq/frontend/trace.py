@@ -121,16 +121,17 @@ def _find_blockers(module: nn.Module, name: str, leaf_names: set[str], bound: se
             continue
         if full_name in leaf_names or LeafTracer(set()).is_leaf_module(child, full_name):
             continue
-        if trace_error(child, full_name) is None:
+        error = trace_error(child, full_name)
+        if error is None:
             continue
         inner = _find_blockers(child, full_name, leaf_names, bound)
         if inner:
             blockers.extend(inner)
             leaf_names.update(b.module for b in inner)
-            if trace_error(child, full_name) is None:
+            error = trace_error(child, full_name)  # again, with the blockers inside it as leaves
+            if error is None:
                 continue
-        error = trace_error(child, full_name)
-        blockers.append(FloatLeaf(full_name, _first_line(error) if error else "does not trace in context"))
+        blockers.append(FloatLeaf(full_name, _first_line(error)))
         leaf_names.add(full_name)
     return blockers
 
