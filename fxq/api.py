@@ -6,14 +6,16 @@ and `fxq.analysis` (measurements). The user's model is never touched: every step
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from fxq import pipeline
+from fxq.backend.serving import serve_scripted
 from fxq.backend.op_kinds import WEIGHT_TYPES
 from fxq.backend.engine import freeze_bn_stats as _freeze_bn_stats
 from fxq.backend.engine import freeze_observers as _freeze_observers
@@ -78,13 +80,25 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
             quantized = quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db, base)
     else:
         quantized = pipeline.quantize_model(model, example_inputs, calibration_data, opts).model
-    torch.backends.quantized.engine = summary_of(quantized).engine
+    return _served(quantized, example_inputs)
+
+
+def _served(quantized: nn.Module, example_inputs: tuple[Any, ...]) -> nn.Module:
+    """The model as it is handed to the user: a GraphModule runs its TorchScript form (backend.serving),
+    and `torch.backends.quantized.engine` is set to the engine it was built and checked for."""
+    summary = summary_of(quantized)
+    if isinstance(quantized, fx.GraphModule):
+        start = time.perf_counter()
+        summary.notes.append(serve_scripted(quantized, example_inputs, summary.engine))
+        summary.timings_s["serving"] = round(time.perf_counter() - start, 3)
+    torch.backends.quantized.engine = summary.engine
     return quantized
 
 
 # --- quantization-aware training -------------------------------------------------------------------
 
-_QAT_RUNS: "weakref.WeakKeyDictionary[nn.Module, pipeline.QatRun]" = weakref.WeakKeyDictionary()
+# the pipeline's record of each prepared model, and its example inputs (the converted model is checked on them)
+_QAT_RUNS: "weakref.WeakKeyDictionary[nn.Module, tuple[pipeline.QatRun, tuple[Any, ...]]]" = weakref.WeakKeyDictionary()
 
 
 def prepare_qat(model: nn.Module, example_inputs: Any, backend: str = "auto", **options: Any) -> nn.Module:
@@ -96,7 +110,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, backend: str = "auto", **
     opts = QuantOptions.from_kwargs(mode="qat", backend=backend, **options)
     example_inputs = _validated(model, example_inputs, opts)
     prepared, run = pipeline.prepare_qat_model(model, example_inputs, opts)
-    _QAT_RUNS[prepared] = run
+    _QAT_RUNS[prepared] = (run, example_inputs)
     return prepared
 
 
@@ -120,7 +134,8 @@ def convert(prepared: nn.Module) -> nn.Module:
     if prepared not in _QAT_RUNS:
         raise InputError("fxq.convert takes the model returned by fxq.prepare_qat (after training); "
                          "for post-training quantization call fxq.quantize")
-    return pipeline.convert_qat(prepared, _QAT_RUNS[prepared])
+    run, example_inputs = _QAT_RUNS[prepared]
+    return _served(pipeline.convert_qat(prepared, run), example_inputs)
 
 
 # --- inspection ----------------------------------------------------------------------------------

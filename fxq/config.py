@@ -91,6 +91,11 @@ class QuantOptions:
     # (SmoothQuant's migration), per layer where it measurably lowers the int8 output error
     # (fxq/recovery/smoothing.py). Needs no data beyond the example inputs; uses calibration_data if given.
     smooth_activations: bool = True
+    # Dynamic int8 layers (dynamic mode's Linear/LSTM/GRU, static mode's LSTM/GRU) stay int8 only where
+    # they time faster than float on this CPU at the example inputs' shapes, measured at quantize time
+    # (fxq/backend/dynamic_payoff.py); being timed, the choice near break-even may differ between runs.
+    # False keeps every one int8.
+    dynamic_where_faster: bool = True
     # Leave ops in float where int8 would cost more time than it saves, quantize/dequantize included
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True

@@ -26,10 +26,11 @@ from fxq import regions
 from fxq.analysis.metrics import ErrorStats
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
+from fxq.backend.dynamic_payoff import dynamic_layers, keep_float_where_slower
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.backend.float_outputs import dynamic_output_linears
 from fxq.backend.kernel_choice import convert_on_most_faithful_engine, engine_for_graph
-from fxq.backend.op_kinds import count_conversions, quantizes_op, weighted_layers
+from fxq.backend.op_kinds import RECURRENT_TYPES, count_conversions, quantizes_op, weighted_layers
 from fxq.backend.weight_bits import measured_weight_grid
 from fxq.calibration import (Batch, check_float_outputs, few_samples_note, materialize, output_tensors,
                              run_batches)
@@ -290,17 +291,54 @@ def _quantize_dynamic(traced: TracedModel, example_inputs: Batch, calibration_da
     smoothing, smoothed = _dynamic_smoothing(traced.graph, _dynamic_linears(traced.graph, options),
                                              _dynamic_batches(example_inputs, calibration_data, options),
                                              options, choice, timer)
-    float_linears = {name: copy.deepcopy(module) for name, module in traced.graph.named_modules()
-                     if type(module) is nn.Linear}
+    float_gm = copy.deepcopy(traced.graph)
+    float_linears = {name: module for name, module in float_gm.named_modules() if type(module) is nn.Linear}
     with timer.step("convert"):
         prepared = engine.prepare_dynamic(traced.graph, example_inputs, options, choice, [l.module for l in leaves])
         quantized = engine.convert(prepared, choice)
         engine.refine_dynamic_linears(quantized, float_linears, options, choice, smoothing)
         restore_output_type(quantized, run_example(traced.work, example_inputs))
+    slower = _keep_slower_layers_float(quantized, float_gm, dynamic_layers(quantized, float_gm), example_inputs,
+                                       options, choice, timer)
     return quantized, engine_summary(options, choice, patterns=[str(p) for p in traced.patterns],
-                                     rewrites=traced.rewrites + smoothed,
-                                     float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves],
+                                     rewrites=traced.rewrites + _smoothing_kept(smoothed, slower),
+                                     float_layers=[(l.module, f"untraceable: {l.reason}") for l in leaves] + slower,
                                      timings_s=timer.seconds)
+
+
+def _dynamic_recurrent_layers(quantized: fx.GraphModule, float_gm: fx.GraphModule, example_inputs: Batch,
+                              skip: tuple[Any, ...], options: QuantOptions, choice: engine.EngineChoice,
+                              timer: Timer) -> tuple[list[str], list[tuple[str, str]]]:
+    """Static mode: torch.ao has no static int8 LSTM/GRU, so those layers run dynamic int8 (as torch's eager
+    flow does) where that times faster than float (`_keep_slower_layers_float`); `skip` covers layers kept
+    float (a float island around a recurrent layer is about its static neighbours: its input is float anyway). Returns the summary's rewrite lines and the (layer, why) of the layers that stayed float."""
+    names = [name for name, module in quantized.named_modules()
+             if type(module) in RECURRENT_TYPES and not key_covers(skip, name, module)]
+    if not names:
+        return [], []
+    with timer.step("dynamic_recurrent"):
+        engine.quantize_dynamic_recurrent(quantized, names, choice)
+    slower = _keep_slower_layers_float(quantized, float_gm, names, example_inputs, options, choice, timer)
+    kept_float = {name for name, _ in slower}
+    return [f"dynamic int8 recurrent layer (no static int8 kernel): {name}" for name in names
+            if name not in kept_float], slower
+
+
+def _smoothing_kept(lines: list[str], kept_float: list[tuple[str, str]]) -> list[str]:
+    """The smoothing lines of the summary without the layers that went back to float."""
+    return [line for line in lines if not any(line.startswith(f"activation smoothing: {name} (")
+                                              for name, _ in kept_float)]
+
+
+def _keep_slower_layers_float(quantized: nn.Module, float_model: nn.Module, names: list[str], example_inputs: Batch,
+                              options: QuantOptions, choice: engine.EngineChoice, timer: Timer
+                              ) -> list[tuple[str, str]]:
+    """The dynamic int8 layers `names` of `quantized` that time slower than float go back to float (in
+    place; backend.dynamic_payoff), when options.dynamic_where_faster. Returns (layer, why) for those."""
+    if not options.dynamic_where_faster:
+        return []
+    with timer.step("dynamic_payoff"):
+        return keep_float_where_slower(quantized, float_model, names, example_inputs, choice.engine)
 
 
 def _quantize_dynamic_untraced(work: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
@@ -311,13 +349,17 @@ def _quantize_dynamic_untraced(work: nn.Module, example_inputs: Batch, calibrati
     smoothing, smoothed = _dynamic_smoothing(work, _dynamic_linears(work, options),
                                              _dynamic_batches(example_inputs, calibration_data, options),
                                              options, choice, timer)
+    float_model = copy.deepcopy(work) if options.dynamic_where_faster else work
     with timer.step("convert"):
         swapped = engine.quantize_dynamic_modules(work, options, choice, smoothing)
+    slower = _keep_slower_layers_float(work, float_model, dynamic_layers(work, float_model), example_inputs,
+                                       options, choice, timer)
     reason = str(error.__cause__ or error).splitlines()[0][:200]
     return work, engine_summary(
-        options, choice, rewrites=[f"dynamic int8 module swap (no graph): {len(swapped)} layer(s)"] + smoothed,
+        options, choice, rewrites=[f"dynamic int8 module swap (no graph): {len(swapped) - len(slower)} layer(s)"]
+        + _smoothing_kept(smoothed, slower),
         float_layers=[(name, "keep_float") for name in covered_modules(work, options.keep_float)
-                      if name in weighted_layers(work).float],
+                      if name in weighted_layers(work).float] + slower,
         timings_s=timer.seconds,
         notes=[f"{type(work).__name__}.forward does not trace ({reason}); its Linear/LSTM/GRU layers were swapped "
                "for dynamic int8 modules in place, so the model's own Python code runs as written"])
@@ -372,6 +414,9 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         dynamic_outputs = dynamic_output_linears(quantized, choice.engine, choice.dynamic_reduce_range)
         restore_output_type(quantized, run_example(traced.work, example_inputs))
     smoothed = _smooth_isolated_linears(quantized, float_gm, dynamic_outputs, batches, options, choice, timer)
+    recurrent, slower_recurrent = _dynamic_recurrent_layers(quantized, float_gm, example_inputs,
+                                                            tuple(keep_float) + tuple(non_traceable), options,
+                                                            choice, timer)
     with timer.step("inside_leaves"):
         around, parts = regions.quantize_inside_leaves(traced.work, quantized, leaves, [example_inputs] + batches,
                                                        options.replace(backend=choice.engine), _quantize_part)
@@ -380,8 +425,9 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         options, choice, engine_fidelity_db=fidelity,
         patterns=[str(p) for p in traced.patterns]
         + [f"conv-add (one int8 kernel): {name} + add" for name in fused_layers(quantized)],
-        rewrites=traced.rewrites + float_graph.rewrites + dynamic_output_rewrites(dynamic_outputs) + smoothed,
-        float_layers=float_layers_after(quantized, around, keep_float, plan),
+        rewrites=traced.rewrites + float_graph.rewrites + dynamic_output_rewrites(dynamic_outputs) + smoothed
+        + recurrent,
+        float_layers=float_layers_after(quantized, around, keep_float, plan) + slower_recurrent,
         float_ops=untraceable_ops(around, parts) + ops_in_float,
         conversions=count_conversions(quantized),
         estimated_latency_us={} if plan is None else {

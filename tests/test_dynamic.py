@@ -63,7 +63,7 @@ def build(model_class: type[nn.Module]) -> nn.Module:
 def test_lstm_and_linear_become_dynamic_int8(model_class, linears):
     model = build(model_class)
     snapshot = state_snapshot(model)
-    quantized = fxq.quantize(model, torch.randn(2, 7, 32), mode="dynamic")
+    quantized = fxq.quantize(model, torch.randn(2, 7, 32), mode="dynamic", dynamic_where_faster=False)
     assert_state_unchanged(model, snapshot)
     kinds = [type(m) for m in quantized.modules()]
     assert kinds.count(nnqd.LSTM) == 1
@@ -85,7 +85,7 @@ def test_lstm_and_linear_become_dynamic_int8(model_class, linears):
 
 def test_lstm_tuple_output_passes_through():
     model = build(RawLSTM)
-    quantized = fxq.quantize(model, torch.randn(2, 7, 32), mode="dynamic")
+    quantized = fxq.quantize(model, torch.randn(2, 7, 32), mode="dynamic", dynamic_where_faster=False)
     inputs = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         (steps, (hidden, cell)), (q_steps, (q_hidden, q_cell)) = model(inputs), quantized(inputs)
@@ -96,8 +96,50 @@ def test_lstm_tuple_output_passes_through():
 
 
 def test_dynamic_needs_no_calibration_data_and_records_a_summary():
-    quantized = fxq.quantize(build(SequenceTagger), torch.randn(1, 4, 32), mode="dynamic")
+    quantized = fxq.quantize(build(SequenceTagger), torch.randn(1, 4, 32), mode="dynamic",
+                             dynamic_where_faster=False)
     summary = fxq.summary_of(quantized)
     assert summary is not None
     assert summary.options["mode"] == "dynamic"
     assert summary.float_layers == []
+
+
+class WideAndNarrow(nn.Module):
+    """A wide Linear over many rows (int8 pays) beside a narrow LSTM (timed here as slower in int8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wide = nn.Linear(1024, 1024)
+        self.lstm = nn.LSTM(1024, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps, _ = self.lstm(self.wide(x))
+        return steps
+
+
+def test_dynamic_layers_slower_than_float_go_back_to_float_and_are_listed(monkeypatch):
+    """The decision follows the timings (stubbed here so the test does not depend on this CPU's load)."""
+    from fxq.backend import dynamic_payoff
+
+    def timings(model, example_inputs, names, **_):
+        int8 = any(isinstance(m, nnqd.LSTM) for m in model.modules())
+        return {"wide": 300.0 if int8 else 1000.0, "lstm": 900.0 if int8 else 400.0}
+
+    monkeypatch.setattr(dynamic_payoff, "module_times_us", timings)
+    model = build(WideAndNarrow)
+    quantized = fxq.quantize(model, torch.randn(1, 32, 1024), mode="dynamic")
+    assert isinstance(quantized.get_submodule("wide"), DynamicLinear)
+    assert type(quantized.get_submodule("lstm")) is nn.LSTM
+    (layer, why), = fxq.summary_of(quantized).float_layers
+    assert layer == "lstm" and "not faster than float" in why and "900 us vs 400 us" in why
+    with torch.no_grad():
+        inputs = torch.randn(2, 16, 1024, generator=torch.Generator().manual_seed(3))
+        assert sqnr(model(inputs), quantized(inputs)) >= DYNAMIC_SQNR_FLOOR_DB
+
+
+def test_a_wide_linear_times_faster_in_int8_and_stays_int8():
+    """Real timings: a 1024x1024 Linear over 32 rows is several times faster as dynamic int8 on any CPU
+    with int8 kernels, well past the noise of a loaded machine."""
+    quantized = fxq.quantize(build(WideAndNarrow), torch.randn(1, 32, 1024), mode="dynamic")
+    assert isinstance(quantized.get_submodule("wide"), DynamicLinear)
+    assert "dynamic_payoff" in fxq.summary_of(quantized).timings_s

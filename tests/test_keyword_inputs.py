@@ -48,7 +48,7 @@ def test_dynamic_mode_swaps_layers_of_a_model_whose_forward_does_not_trace():
     torch.manual_seed(0)
     model = DataDependent().eval()
     snapshot = state_snapshot(model)
-    quantized = fxq.quantize(model, _batch(0), mode="dynamic")
+    quantized = fxq.quantize(model, _batch(0), mode="dynamic", dynamic_where_faster=False)
     assert_state_unchanged(model, snapshot)
     dynamic = [name for name, module in quantized.named_modules() if is_dynamic_quantized_module(module)]
     assert dynamic == ["embed", "mlp.0", "mlp.2", "head"]
@@ -62,7 +62,8 @@ def test_dynamic_mode_swaps_layers_of_a_model_whose_forward_does_not_trace():
 
 
 def test_dynamic_mode_without_a_trace_honours_keep_float():
-    quantized = fxq.quantize(DataDependent().eval(), _batch(0), mode="dynamic", keep_float=["head"])
+    quantized = fxq.quantize(DataDependent().eval(), _batch(0), mode="dynamic", keep_float=["head"],
+                             dynamic_where_faster=False)
     assert isinstance(quantized.head, nn.Linear)
     assert fxq.summary_of(quantized).float_layers == [("head", "keep_float")]
 

@@ -481,7 +481,8 @@ def sensitivity(model: nn.Module, example_inputs: Any, *, calibration_data: Iter
     eval_batches = calibration_batches if eval_data is None else \
         _eval_batches(positional_batches(model, eval_data), example_inputs)
     report = analyze(model, example_inputs, calibration_batches, eval_batches,
-                     options.replace(target_sqnr_db=None))  # analyse the all-int8 model, then recommend
+                     # analyse the all-int8 model (every dynamic layer too, fast or not), then recommend
+                     options.replace(target_sqnr_db=None, dynamic_where_faster=False))
     if options.target_sqnr_db is not None:
         start = time.perf_counter()
         report.recommend(options.target_sqnr_db)

@@ -37,7 +37,7 @@ __all__ = [
     "probe_kernel_saturation", "sums_exactly", "select_engine", "MixedBitsWeightObserver",
     "build_static_qconfig_mapping", "prepare_static", "prepare_qat", "prepare_dynamic",
     "quantize_dynamic_modules", "convert",
-    "convert_reference", "repack_weights", "range_choices", "freeze_observers", "freeze_bn_stats",
+    "convert_reference", "repack_weights", "quantize_dynamic_recurrent", "range_choices", "freeze_observers", "freeze_bn_stats",
     "refine_dynamic_linears", "dynamic_linear", "weight_qparams", "fake_quantize_weight", "install_weights",
 ]
 
@@ -363,18 +363,25 @@ def quantize_dynamic_modules(model: nn.Module, options: QuantOptions, choice: En
     recurrent layer not kept float is swapped in place for its dynamic int8 module (swapping a module needs
     no trace). Linears become fxq's DynamicLinear (the probed input grid, `smoothing` by layer name);
     recurrent layers torch.ao's, with `prepare_dynamic`'s qconfig. Returns the swapped layers' names."""
-    from torch.ao.quantization import quantize_dynamic
-
     chosen = {name: module for name, module in model.named_modules()
               if name and isinstance(module, DYNAMIC_TYPES) and not key_covers(options.keep_float, name, module)}
     linears = {name: module for name, module in chosen.items() if type(module) is nn.Linear}
     with using_engine(choice.engine):
         for name, linear in linears.items():
             replace_module(model, name, dynamic_linear(linear, options, choice, (smoothing or {}).get(name)))
-        recurrent = {name: default_dynamic_qconfig for name in chosen if name not in linears}
-        if recurrent:
-            quantize_dynamic(model, recurrent, inplace=True)
+    quantize_dynamic_recurrent(model, [name for name in chosen if name not in linears], choice)
     return sorted(chosen)
+
+
+def quantize_dynamic_recurrent(model: nn.Module, names: Iterable[str], choice: EngineChoice) -> None:
+    """Swap the named LSTM/GRU/RNN-cell layers of `model` (in place) for torch.ao's dynamic int8 modules,
+    with `prepare_dynamic`'s qconfig."""
+    from torch.ao.quantization import quantize_dynamic
+
+    recurrent = {name: default_dynamic_qconfig for name in names}
+    if recurrent:
+        with using_engine(choice.engine):
+            quantize_dynamic(model, recurrent, inplace=True)
 
 
 def refine_dynamic_linears(quantized: nn.Module, float_linears: Mapping[str, nn.Linear], options: QuantOptions,

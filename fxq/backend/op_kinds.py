@@ -19,7 +19,8 @@ WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # fxq's own dynamic int8 Linear (backend/dynamic_linear.py), by module path: op_kinds sits below it
 DYNAMIC_LINEAR_MODULE = "fxq.backend.dynamic_linear"
 _INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", DYNAMIC_LINEAR_MODULE)
-DYNAMIC_TYPES = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+RECURRENT_TYPES = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
+DYNAMIC_TYPES = (nn.Linear, *RECURRENT_TYPES)
 
 
 def fused_clamp_class(layer: nn.Module) -> type[nn.Module] | None:

@@ -1,0 +1,175 @@
+"""How the returned int8 GraphModule runs when called: through its TorchScript form, one packed copy per shape.
+
+Two costs the int8 kernels do not need:
+- At batch 1 the Python GraphModule's per-op dispatch (each module's __call__, the Python forward of every
+  torch.ao quantized module, the op-overload checks) costs as much as the kernels' work; the TorchScript form
+  of the same graph runs the same kernels on the same packed weights without it.
+- onednn (and x86, which hands convs to onednn on VNNI CPUs) caches its kernel for the first input shape a
+  packed weight sees and rebuilds it on every call of any other shape. A model that serves several batch sizes
+  gets a copy of its TorchScript form per input shape (copying packs the weights afresh), each on its cached
+  kernel. After MAX_SHAPE_COPIES shapes, further shapes share the first copy, as any torch int8 model does.
+
+The user still holds the GraphModule: `summary_of`, `fxq.save`, `.graph`, hooks all work. Its Python forward
+runs whenever the TorchScript form could differ from it: under tracing or compiling, with forward hooks on the
+model or any submodule (or global ones), after the graph was recompiled, a submodule replaced or a packed
+weight set, with keyword or non-tensor arguments, or with inputs that require grad.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import threading
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.nn.modules import module as module_globals
+
+from fxq.backend.engine import using_engine
+
+__all__ = ["MAX_SHAPE_COPIES", "ScriptedForward", "serve_scripted", "scripted_forward_of"]
+
+# Copies of the TorchScript form kept per distinct input shape (each holds its own packed weights).
+MAX_SHAPE_COPIES = 8
+
+_CALL_SLOT = "_wrapped_call"  # GraphModule.__call__ dispatches through self._wrapped_call(self, ...)
+
+
+def _packed_weights(module: nn.Module) -> Any:
+    return module.__dict__.get("_packed_params")
+
+
+class ScriptedForward:
+    """Callable installed as a GraphModule's `_wrapped_call`: runs the TorchScript copy for the call's input
+    shapes when that is the same computation, the GraphModule's own Python forward otherwise."""
+
+    def __init__(self, graph_module: fx.GraphModule, scripted: torch.jit.ScriptModule, engine: str,
+                 python_call: Callable[..., Any]):
+        self.engine = engine
+        self.python_call = python_call
+        self.code = graph_module.code
+        self.scripted = scripted
+        # what the TorchScript copy was made from, flattened so that the check on each call runs in C loops
+        modules = list(graph_module.modules())
+        self.hook_dicts = [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+        self.children_dicts = [m._modules for m in modules if m._modules]
+        self.children = self._current_children()
+        self.packed_owners = [m for m in modules if _packed_weights(m) is not None]
+        self.packed = self._current_packed()
+        self.copies: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
+        self.first_shape: tuple | None = None
+        self.lock = threading.Lock()
+        # TorchScript returns a dict for an OrderedDict and a tuple for a namedtuple: the Python type back
+        self.output_type: Callable[[Any], Any] = _unchanged
+
+    def __call__(self, graph_module: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or not self._runs_same_computation(graph_module, args):
+            return self.python_call(graph_module, *args, **kwargs)
+        return self.output_type(self._copy_for(tuple(arg.shape for arg in args))(*args))
+
+    def _runs_same_computation(self, graph_module: fx.GraphModule, args: tuple) -> bool:
+        for arg in args:
+            if type(arg) is not torch.Tensor or (arg.requires_grad and torch.is_grad_enabled()):
+                return False
+        if (torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                or graph_module.code != self.code):
+            return False
+        if any(self.hook_dicts):
+            return False
+        children, packed = self._current_children(), self._current_packed()
+        return (len(children) == len(self.children) and all(map(operator.is_, children, self.children))
+                and all(map(operator.is_, packed, self.packed)))
+
+    def _current_children(self) -> list[nn.Module]:
+        return [child for children in self.children_dicts for child in children.values()]
+
+    def _current_packed(self) -> list[Any]:
+        return [_packed_weights(owner) for owner in self.packed_owners]
+
+    def _copy_for(self, shape: tuple) -> torch.jit.ScriptModule:
+        copy_for_shape = self.copies.get(shape)
+        if copy_for_shape is not None:
+            return copy_for_shape
+        with self.lock:
+            if self.first_shape is None:  # the scripted form itself serves the first shape it sees
+                self.first_shape = shape
+                self.copies[shape] = self.scripted
+            elif shape not in self.copies:
+                if len(self.copies) >= MAX_SHAPE_COPIES:
+                    return self.copies[self.first_shape]
+                with using_engine(self.engine):  # a copy's weights are packed afresh
+                    self.copies[shape] = copy.deepcopy(self.scripted)
+            return self.copies[shape]
+
+    def __deepcopy__(self, memo: dict) -> None:
+        # GraphModule's deepcopy rebuilds the module from its graph and drops this slot; copying the
+        # TorchScript copies first would only cost time and memory
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (type(None), ())  # pickling a GraphModule rebuilds it from code; this slot is not kept
+
+
+def serve_scripted(graph_module: fx.GraphModule, example_inputs: tuple, engine: str) -> str:
+    """Make calls of `graph_module` run its TorchScript form (module docstring). Returns a line for the
+    summary saying how the model runs; scripting that fails, or that does not give bit-identical outputs on
+    `example_inputs`, leaves the Python forward in place and says why."""
+    try:
+        with using_engine(engine):
+            scripted = torch.jit.script(graph_module.eval())
+    except Exception as exc:  # TorchScript's errors name the code it cannot compile
+        return f"the returned module runs its Python forward: TorchScript cannot compile it ({str(exc).splitlines()[0][:160]})"
+    python_call = type(graph_module)._wrapped_call
+    served = ScriptedForward(graph_module, scripted, engine, python_call)
+    with torch.no_grad(), using_engine(engine):
+        expected = python_call(graph_module, *example_inputs)
+        fresh_copy = copy.deepcopy(scripted)  # checked on a copy: the scripted form caches its first real shape
+        try:
+            actual = fresh_copy(*example_inputs)
+        except Exception as exc:
+            return ("the returned module runs its Python forward: its TorchScript form fails on the example "
+                    f"inputs ({str(exc).splitlines()[0][:160]})")
+        served.output_type = _output_type(expected, actual)
+        if not _identical(expected, served.output_type(actual)):
+            return "the returned module runs its Python forward: its TorchScript form gave different outputs"
+    graph_module.__dict__[_CALL_SLOT] = served
+    return ("the returned module runs its TorchScript form, with its own packed weights for each of up to "
+            f"{MAX_SHAPE_COPIES} input shapes (onednn and x86 cache a kernel per weight for one shape)")
+
+
+def scripted_forward_of(model: nn.Module) -> ScriptedForward | None:
+    """The TorchScript forward installed on `model` by serve_scripted, if any."""
+    served = model.__dict__.get(_CALL_SLOT)
+    return served if isinstance(served, ScriptedForward) else None
+
+
+def _unchanged(output: Any) -> Any:
+    return output
+
+
+def _output_type(expected: Any, actual: Any) -> Callable[[Any], Any]:
+    """What turns the TorchScript form's output into the Python forward's container type (top level)."""
+    if type(expected) is type(actual):
+        return _unchanged
+    container = type(expected)
+    if isinstance(expected, tuple) and hasattr(container, "_fields"):  # a namedtuple
+        return lambda output: container(*output)
+    if isinstance(expected, (dict, tuple, list)):
+        return container
+    return _unchanged
+
+
+def _identical(expected: Any, actual: Any) -> bool:
+    """Same container types, keys, shapes and values, bit for bit."""
+    if type(expected) is not type(actual):
+        return False
+    if isinstance(expected, torch.Tensor):
+        return expected.shape == actual.shape and torch.equal(expected, actual)
+    if isinstance(expected, (tuple, list)):
+        return len(expected) == len(actual) and all(_identical(e, a) for e, a in zip(expected, actual))
+    if isinstance(expected, dict):
+        return expected.keys() == actual.keys() and all(_identical(expected[k], actual[k]) for k in expected)
+    return expected == actual
