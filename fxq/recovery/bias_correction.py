@@ -49,8 +49,7 @@ def correct_bias(pair: PairedLayer) -> BiasCorrection | None:
     if layer.bias is None:
         return None
     total, counted = 0, 0
-    for simulated_x, float_x in zip(pair.simulated_inputs, pair.float_inputs):
-        simulated, reference = layer(simulated_x), pair.float_layer(float_x)
+    for simulated, reference in zip(pair.simulated_outputs(), pair.float_outputs()):
         dims = non_channel_dims(reference, pair.float_layer)
         if pair.clamp is None:
             summed = (simulated - reference).sum(dim=dims)

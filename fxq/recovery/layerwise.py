@@ -5,13 +5,16 @@ each layer, its input in the simulation (torch.ao's reference model: quantize/de
 on-grid weights) and in the float model, for the same calibration images, after every earlier layer
 was corrected. Both graphs are therefore interpreted node by node over all calibration batches at
 once, and paused before each weighted layer, where the caller may change the simulated layer before
-it runs on every batch.
+it runs on every batch. The graphs run at full resolution; the statistics a caller takes at a layer
+use a subgrid of its output positions (sample_step), which is what keeps their cost from dominating.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -25,6 +28,37 @@ from fxq.recovery.layers import channel_axis_shape
 
 # Samples held at once: every image's activations at the current layer, in both graphs.
 MAX_SAMPLES = 64
+# Output positions per image at which a conv's statistics (refit moments, held-out shrinkage, bias shift) are
+# taken. They are per-channel averages and K x K moments; an early MobileNetV2 layer has 12544 positions per
+# image, so a regular subgrid of them estimates the same averages at a fraction of the cost, and the cost per
+# layer stops growing with the image size. At 64 calibration crops, 28 x 28 moved logits SQNR by -0.01 dB
+# (MobileNetV2) and -0.08 dB (BN-recalibrated ResNet-50); 14 x 14 by +0.12 and -0.23 dB, 7 x 7 by -1.5 dB.
+SAMPLED_POSITIONS = 28 * 28
+
+
+def sample_step(layer: nn.Module, x: torch.Tensor) -> int:
+    """Every how many output rows and columns a layer's statistics are taken: 1 but for Conv2d layers with
+    more than SAMPLED_POSITIONS outputs per image (a larger stride gives exactly that subgrid's outputs)."""
+    if not isinstance(layer, nn.Conv2d) or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return 1
+    size = [(x.shape[-2 + i] + 2 * layer.padding[i] - layer.dilation[i] * (layer.kernel_size[i] - 1) - 1)
+            // layer.stride[i] + 1 for i in range(2)]
+    return max(1, math.isqrt(size[0] * size[1] // SAMPLED_POSITIONS))
+
+
+@contextmanager
+def sampled_positions(layer: nn.Module, step: int) -> Iterator[None]:
+    """Run a Conv2d (float or torch.ao's reference module, whose forward fake-quantizes its weight) at
+    every `step`-th output row and column, by multiplying its stride."""
+    if step == 1:
+        yield
+        return
+    stride = layer.stride
+    layer.stride = tuple(s * step for s in stride)
+    try:
+        yield
+    finally:
+        layer.stride = stride
 
 
 @dataclass
@@ -37,6 +71,20 @@ class PairedLayer:
     clamp: Clamp | None  # the fused activation after both
     simulated_inputs: list[torch.Tensor]  # one per calibration batch
     float_inputs: list[torch.Tensor]
+    step: int = 1  # statistics are taken at every step-th output row and column (sample_step)
+    _float_outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    def float_outputs(self) -> list[torch.Tensor]:
+        """The float layer's outputs (before the clamp) at the sampled positions, per batch."""
+        if self._float_outputs is None:
+            with sampled_positions(self.float_layer, self.step):
+                self._float_outputs = [self.float_layer(x) for x in self.float_inputs]
+        return self._float_outputs
+
+    def simulated_outputs(self) -> list[torch.Tensor]:
+        """The simulated layer's outputs (its current weights and bias) at the sampled positions, per batch."""
+        with sampled_positions(self.simulated, self.step):
+            return [self.simulated(x) for x in self.simulated_inputs]
 
     def linear_region(self, output: torch.Tensor) -> torch.Tensor:
         """Where the fused clamp passes this layer's output (float or simulated) through unchanged."""
@@ -116,4 +164,5 @@ def paired_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches:
         simulated, _ = unwrap(get_module(simulation, node))
         float_layer, clamp = unwrap(get_module(float_gm, float_node))
         if calls[name] == 1 and not key_covers(skip, name, float_layer):
-            yield PairedLayer(name, simulated, float_layer, clamp, simulated_inputs, float_inputs)
+            yield PairedLayer(name, simulated, float_layer, clamp, simulated_inputs, float_inputs,
+                              sample_step(float_layer, float_inputs[0]))

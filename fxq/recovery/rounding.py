@@ -25,7 +25,7 @@ from torch import fx, nn
 from fxq.backend.engine import Bound, WeightGrid, weight_qparams
 from fxq.calibration import Batch
 from fxq.recovery.layers import is_depthwise, non_channel_dims, run_with_hooks, weighted_nodes
-from fxq.recovery.layerwise import PairedLayer
+from fxq.recovery.layerwise import PairedLayer, sample_step
 
 DAMPING = 0.01
 PATCH_IMAGES_PER_BATCH = 4
@@ -59,16 +59,19 @@ def supports(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros" and (layer.groups == 1 or is_depthwise(layer))
 
 
-def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input columns of the layer's matrix product: [groups, K, samples]."""
+def _patches(layer: nn.Module, x: torch.Tensor, step: int = 1) -> torch.Tensor:
+    """Input columns of the layer's matrix product at every `step`-th output row and column
+    (layerwise.sample_step): [groups, K, samples]."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1]).t().unsqueeze(0)
     if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), 0):
+        x = x[:, :, ::step, ::step]
         columns = x.transpose(0, 1).reshape(x.shape[1], -1)
     else:
         # patches overlap, so a few images per batch already give a well-conditioned second moment
         x = x[:PATCH_IMAGES_PER_BATCH]
-        columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)  # [N, C*k, L]
+        stride = tuple(s * step for s in layer.stride)
+        columns = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, stride)  # [N, C*k, L]
         columns = columns.transpose(0, 1).reshape(columns.shape[1], -1)
     if is_depthwise(layer):
         taps = layer.kernel_size[0] * layer.kernel_size[1]
@@ -126,7 +129,7 @@ def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], grid: Weight
     moments: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor, _output: torch.Tensor) -> None:
-        columns = _patches(layers[name], x.detach())
+        columns = _patches(layers[name], x.detach(), sample_step(layers[name], x))
         update = (columns @ columns.transpose(1, 2)).double()  # float32 product, float64 running sum
         moments[name] = moments[name] + update if name in moments else update
 
@@ -161,18 +164,21 @@ def _as_rows(layer: nn.Module, weight: torch.Tensor, per_row: Bound) -> Bound:
 FOLDS = 4
 
 
-def _chunks(pair: PairedLayer) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(simulated, float) inputs in at least FOLDS pieces where the batches allow: with fewer batches
-    than folds, each batch is split along its first dimension."""
+Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # simulated input, float input, float output
+
+
+def _chunks(pair: PairedLayer) -> list[Chunk]:
+    """(simulated input, float input, float output at the sampled positions) in at least FOLDS pieces where
+    the batches allow: with fewer batches than folds, each batch is split along its first dimension."""
     pieces = -(-FOLDS // len(pair.simulated_inputs))  # ceiling division
     chunks = []
-    for simulated_x, float_x in zip(pair.simulated_inputs, pair.float_inputs):
+    for simulated_x, float_x, float_y in zip(pair.simulated_inputs, pair.float_inputs, pair.float_outputs()):
         size = -(-simulated_x.shape[0] // pieces)
-        chunks += zip(simulated_x.split(size), float_x.split(size))
+        chunks += zip(simulated_x.split(size), float_x.split(size), float_y.split(size))
     return chunks
 
 
-def _fold_moments(layer: nn.Module, chunks: list[tuple[torch.Tensor, torch.Tensor]]
+def _fold_moments(layer: nn.Module, chunks: list[Chunk], step: int = 1
                   ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """Per fold (the chunks dealt round-robin into at most FOLDS folds): the quantized inputs' second
     moment x_q x_q^T, their error's cross moment (x - x_q) x_q^T, and the sample count."""
@@ -180,9 +186,9 @@ def _fold_moments(layer: nn.Module, chunks: list[tuple[torch.Tensor, torch.Tenso
     moments: list = [0] * folds
     crosses: list = [0] * folds
     samples = 0
-    for index, (simulated_x, float_x) in enumerate(chunks):
-        quantized = _patches(layer, simulated_x)
-        error = _patches(layer, float_x) - quantized
+    for index, (simulated_x, float_x, _) in enumerate(chunks):
+        quantized = _patches(layer, simulated_x, step)
+        error = _patches(layer, float_x, step) - quantized
         moments[index % folds] = moments[index % folds] + (quantized @ quantized.transpose(1, 2)).double()
         crosses[index % folds] = crosses[index % folds] + (error @ quantized.transpose(1, 2)).double()
         samples += quantized.shape[-1]
@@ -194,14 +200,16 @@ def _correction(weight: torch.Tensor, moment: torch.Tensor, cross: torch.Tensor)
     return torch.linalg.solve(_damped(moment), (weight @ cross).transpose(1, 2)).transpose(1, 2)
 
 
-def _with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's output for input x with another weight and no bias."""
+def _with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, step: int = 1) -> torch.Tensor:
+    """The layer's output for input x with another weight and no bias, at every `step`-th output row and
+    column."""
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight)
-    return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    stride = tuple(s * step for s in layer.stride)
+    return F.conv2d(x, weight, None, stride, layer.padding, layer.dilation, layer.groups)
 
 
-def _held_out_shrinkage(pair: PairedLayer, chunks: list[tuple[torch.Tensor, torch.Tensor]], grouped: torch.Tensor,
+def _held_out_shrinkage(pair: PairedLayer, chunks: list[Chunk], grouped: torch.Tensor,
                         moments: list[torch.Tensor], crosses: list[torch.Tensor],
                         total_moment: torch.Tensor, total_cross: torch.Tensor) -> torch.Tensor:
     """Per output channel, the fraction (0..1) of its correction that minimizes the error on held-out folds.
@@ -218,10 +226,11 @@ def _held_out_shrinkage(pair: PairedLayer, chunks: list[tuple[torch.Tensor, torc
     gain, cost = 0, 0
     for fold, (moment, cross) in enumerate(zip(moments, crosses)):
         correction = _correction(grouped, total_moment - moment, total_cross - cross).float().reshape(weight.shape)
-        for simulated_x, float_x in chunks[fold::len(moments)]:
-            inside = pair.linear_region(layer(float_x))
-            error = _with_weight(layer, simulated_x - float_x, weight)  # W x_q - W x, the layer being linear
-            change = _with_weight(layer, simulated_x, correction)
+        for simulated_x, float_x, float_y in chunks[fold::len(moments)]:
+            inside = pair.linear_region(float_y)
+            # W x_q - W x, the layer being linear
+            error = _with_weight(layer, simulated_x - float_x, weight, pair.step)
+            change = _with_weight(layer, simulated_x, correction, pair.step)
             dims = non_channel_dims(error, layer)
             gain = gain - (error * change * inside).sum(dims).double()
             cost = cost + (change * change * inside).sum(dims).double()
@@ -253,7 +262,7 @@ def refit_on_quantized_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()
     if not supports(layer):
         return None
     chunks = _chunks(pair)
-    moments, crosses, samples = _fold_moments(layer, chunks)
+    moments, crosses, samples = _fold_moments(layer, chunks, pair.step)
     if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):
         return None
     weight = layer.weight.detach()
