@@ -18,24 +18,23 @@ latency (medians after warm-up), batch 1 again after the batch-32 timings for th
 its int8 kernels for the first input shape it sees), and the seconds from the float model to a runnable
 one (quantize, export, save/load or compile; torch.compile's seconds are cold only when inductor's cache
 is: a warm cache turned MobileNetV2's 86 s into 6 s here, see bench/suite.py). Every runtime gets `--threads` threads (torch.set_num_threads,
-ONNX Runtime intra_op_num_threads, OpenVINO INFERENCE_NUM_THREADS). All rows of a model are timed in one
-process, interleaved (each round calls every row in turn), so a slow spell of a shared machine falls on
-each alike; bench/onnx_runtimes.py times one runtime after the other instead, because a runtime's
-spinning threads can slow the next one's calls, so the two benches' absolute numbers can differ.
+ONNX Runtime intra_op_num_threads, OpenVINO INFERENCE_NUM_THREADS), with the runtimes' own thread
+settings (OMP_WAIT_POLICY is left as the user has it). All rows of a model are timed in one process: the
+rows of one runtime interleaved (each round calls every row in turn), the runtimes one after the other with
+a pause between (bench/onnx_runtimes.py's latencies_by_runtime), because a runtime's spinning threads take
+the cores of the next one's calls. (This bench's first run interleaved every row under
+OMP_WAIT_POLICY=PASSIVE: fxq's MobileNetV2 TorchScript took 9.4 ms at batch 1 there, 2.3 ms timed alone.)
 
     python -m bench.serving [--models mobilenet_v2 resnet50] [--threads 2] [--calibration 64 --eval 256]
                             [--rounds 10] [--markdown]
     python -m bench.serving --quick     # smoke run: 16 calibration and 32 evaluation crops, 2 rounds
-    (--markdown writes bench/serving.md. OMP_WAIT_POLICY defaults to PASSIVE, set before torch loads
-    OpenMP, as in bench/suite.py: torch's busy-waiting OpenMP threads would take the cores of the rows
-    interleaved with it)
+    (--markdown writes bench/serving.md)
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
@@ -52,7 +51,8 @@ from torch import nn
 
 import fxq
 from bench.models import build
-from bench.onnx_runtimes import (EVAL_BATCH, Runner, export_float_onnx, latencies_ms, logits, ort_quantize_static,
+from bench.onnx_runtimes import (EVAL_BATCH, Runner, export_float_onnx, latencies_by_runtime, latencies_ms, logits,
+                                 ort_quantize_static,
                                  ort_runner, ort_session, ov_compile, ov_nncf_quantize, ov_runner, torch_runner)
 from bench.protocol import (CALIBRATION_SEED, EVAL_SEED, calibration_batches, evaluation_crops, mobilenet_protocol,
                             outputs_in_batches, sqnr_db, top1_agreement)
@@ -66,6 +66,7 @@ MODELS = ("mobilenet_v2", "resnet50")
 FLOAT, COMPILE, FXQ, FXQ_SCRIPT, OPENVINO, ORT = (
     "float eager", "torch.compile float (inductor)", "fxq returned module", "fxq TorchScript (save + load)",
     "OpenVINO int8 (nncf.quantize)", "ONNX Runtime int8 (quantize_static QDQ, per-channel)")
+RUNTIME = {OPENVINO: "openvino", ORT: "onnxruntime"}  # every other row runs on torch
 AFTER_BATCH32 = (FXQ, FXQ_SCRIPT)  # rows timed at batch 1 again after batch 32 (onednn's per-shape kernels)
 QUICK = {"calibration": 16, "eval": 32, "rounds": 2, "warmup": 1}
 
@@ -158,10 +159,11 @@ def measure(rows: list[Row], evaluation: torch.Tensor, reference: torch.Tensor, 
     Order: batch 1 (every row, interleaved), the evaluation logits (batches of 32), batch 32, then batch 1
     again for AFTER_BATCH32 and float eager (its pair, so a change of machine load shows)."""
     runners = {row.flow: row.runner for row in rows if not isinstance(row.runner, Failure)}
+    by_runtime = {flow: (RUNTIME.get(flow, "torch"), run) for flow, run in runners.items()}
     single, full = evaluation[:1].numpy().copy(), evaluation[:EVAL_BATCH].numpy().copy()
-    batch1 = latencies_ms(runners, single, args.rounds, per_round=3, warmup=args.warmup)
+    batch1 = latencies_by_runtime(by_runtime, single, args.rounds, per_round=3)
     outputs = {flow: logits(run, evaluation) for flow, run in runners.items()}
-    batch32 = latencies_ms(runners, full, max(2, args.rounds // 2), per_round=1, warmup=args.warmup)
+    batch32 = latencies_by_runtime(by_runtime, full, max(2, args.rounds // 2), per_round=1)
     again = latencies_ms({flow: run for flow, run in runners.items() if flow in AFTER_BATCH32 + (FLOAT,)}, single,
                          args.rounds, per_round=3, warmup=args.warmup)
     for row in rows:
@@ -259,7 +261,7 @@ def main() -> None:
         table += table_rows(model_line, rows)
     header = (f"{args.calibration} calibration crops (seed {CALIBRATION_SEED}), {args.eval} evaluation crops "
               f"(seed {EVAL_SEED}), logits {EVAL_BATCH} at a time; CPU: {cpu_name()}{isa_limits()}, "
-              f"{args.threads} threads for every runtime (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); "
+              f"{args.threads} threads for every runtime (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
               f"{versions()}; {datetime.date.today()}")
     print("\n" + header)
     print(tabulate(table, headers=HEADERS, tablefmt="simple"))

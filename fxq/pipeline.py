@@ -69,15 +69,26 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class Timer:
-    """Wall-clock seconds per pipeline step, for the summary's `timings_s`."""
+    """Wall-clock seconds per pipeline step, for the summary's `timings_s`; with `progress`, each step shows
+    a line with its running time while it runs (options.progress; the CLI turns it on)."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool = False) -> None:
         self.seconds: dict[str, float] = {}
+        self.progress = progress
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        yield
+        line = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            line = tqdm(total=None, desc=f"fxq {name}", bar_format="{desc} [{elapsed}]", mininterval=1.0)
+        try:
+            yield
+        finally:
+            if line is not None:
+                line.close()
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
@@ -209,7 +220,7 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
     measurements against it (fxq.sensitivity).
     """
     choice = engine.select_engine(options)
-    timer = Timer()
+    timer = Timer(options.progress)
     with seeded(options.seed), engine.using_engine(choice.engine):
         work = eval_copy(model, example_inputs)
         with timer.step("trace"):

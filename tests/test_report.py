@@ -113,3 +113,13 @@ def test_the_summary_says_when_calibration_had_few_samples(count, warned):
     summary = fxq.summary_of(fxq.quantize(model, batches[0][:1], calibration_data=batches))
     notes = [note for note in summary.notes if note.startswith("calibrated on")]
     assert [note.split(":")[0] for note in notes] == (["calibrated on 8 sample(s)"] if warned else [])
+
+
+def test_progress_shows_each_step_with_its_time(capsys):
+    """progress=True (the CLI's default) prints a line per pipeline step while it runs."""
+    calibration = _batches(1)
+    quantized = fxq.quantize(tiny(), calibration[0][:1], calibration_data=calibration, progress=True)
+    shown = capsys.readouterr().err
+    for step in fxq.summary_of(quantized).timings_s:
+        if step != "serving":  # the api's step, after the pipeline's
+            assert f"fxq {step}" in shown, step
