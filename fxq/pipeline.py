@@ -254,17 +254,18 @@ def _quantize_part(module: nn.Module, example_inputs: Batch, batches: list[Batch
 
 def _dynamic_smoothing(model: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch], options: QuantOptions,
                        choice: engine.EngineChoice, timer: Timer, unsmoothed: dict[str, nn.Module] | None = None
-                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The smoothing factors of the float `model`'s `linears` that run as dynamic int8 (recovery.smoothing),
-    measured on `batches`, and the summary's lines for them."""
+    measured on `batches`, and the summary's line for each smoothed layer, by layer."""
     if not options.smooth_activations or not linears:
-        return {}, []
+        return {}, {}
     with timer.step("smoothing"):
         factors, choices = choose_smoothing(
             model, linears, batches, lambda linear, smoothing: engine.dynamic_linear(linear, options, choice, smoothing),
             unsmoothed)
-    return factors, [f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error x{c.error_ratio:.2f}, "
-                     f"smoothed float layer vs float {c.function_sqnr_db:.0f} dB)" for c in choices if c.alpha is not None]
+    return factors, {c.layer: f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error "
+                              f"x{c.error_ratio:.2f}, smoothed float layer vs float {c.function_sqnr_db:.0f} dB)"
+                     for c in choices if c.alpha is not None}
 
 
 def _dynamic_linears(model: nn.Module, options: QuantOptions) -> dict[str, nn.Linear]:
@@ -292,7 +293,7 @@ def _smooth_isolated_linears(quantized: nn.Module, float_gm: fx.GraphModule, nam
     with engine.using_engine(choice.engine):
         for name, smoothing in factors.items():
             replace_module(quantized, name, engine.dynamic_linear(linears[name], options, choice, smoothing))
-    return lines
+    return list(lines.values())
 
 
 def _quantize_dynamic(traced: TracedModel, example_inputs: Batch, calibration_data: Iterable[Any] | None,
@@ -322,7 +323,8 @@ def _dynamic_recurrent_layers(quantized: fx.GraphModule, float_gm: fx.GraphModul
                               timer: Timer) -> tuple[list[str], list[tuple[str, str]]]:
     """Static mode: torch.ao has no static int8 LSTM/GRU, so those layers run dynamic int8 (as torch's eager
     flow does) where that times faster than float (`_keep_slower_layers_float`); `skip` covers layers kept
-    float (a float island around a recurrent layer is about its static neighbours: its input is float anyway). Returns the summary's rewrite lines and the (layer, why) of the layers that stayed float."""
+    float (a float island around a recurrent layer is about its static neighbours: its input is float
+    anyway). Returns the summary's rewrite lines and the (layer, why) of the layers that stayed float."""
     names = [name for name, module in quantized.named_modules()
              if type(module) in RECURRENT_TYPES and not key_covers(skip, name, module)]
     if not names:
@@ -335,10 +337,10 @@ def _dynamic_recurrent_layers(quantized: fx.GraphModule, float_gm: fx.GraphModul
             if name not in kept_float], slower
 
 
-def _smoothing_kept(lines: list[str], kept_float: list[tuple[str, str]]) -> list[str]:
-    """The smoothing lines of the summary without the layers that went back to float."""
-    return [line for line in lines if not any(line.startswith(f"activation smoothing: {name} (")
-                                              for name, _ in kept_float)]
+def _smoothing_kept(lines: dict[str, str], kept_float: list[tuple[str, str]]) -> list[str]:
+    """The smoothing lines of the summary (by layer) without the layers that went back to float."""
+    went_back = {name for name, _ in kept_float}
+    return [line for layer, line in lines.items() if layer not in went_back]
 
 
 def _keep_slower_layers_float(quantized: nn.Module, float_model: nn.Module, names: list[str], example_inputs: Batch,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import operator
 import threading
-from collections import OrderedDict
 from itertools import chain
 from typing import Any, Callable
 
@@ -63,8 +62,8 @@ class ScriptedForward:
         self.children = self._current_children()
         self.packed_owners = [m for m in modules if _packed_weights(m) is not None]
         self.packed = self._current_packed()
-        self.copies: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
-        self.first_shape: tuple | None = None
+        # by input shapes, in the order first seen; the scripted form itself serves the first
+        self.copies: dict[tuple, torch.jit.ScriptModule] = {}
         self.lock = threading.Lock()
         # TorchScript returns a dict for an OrderedDict and a tuple for a namedtuple: the Python type back
         self.output_type: Callable[[Any], Any] = _unchanged
@@ -98,12 +97,11 @@ class ScriptedForward:
         if copy_for_shape is not None:
             return copy_for_shape
         with self.lock:
-            if self.first_shape is None:  # the scripted form itself serves the first shape it sees
-                self.first_shape = shape
+            if not self.copies:
                 self.copies[shape] = self.scripted
             elif shape not in self.copies:
                 if len(self.copies) >= MAX_SHAPE_COPIES:
-                    return self.copies[self.first_shape]
+                    return next(iter(self.copies.values()))
                 with using_engine(self.engine):  # a copy's weights are packed afresh
                     self.copies[shape] = copy.deepcopy(self.scripted)
             return self.copies[shape]
