@@ -130,6 +130,11 @@ def output_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def finite(output: Any) -> bool:
+    """Whether every floating-point tensor of a model output is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in output_tensors(output))
+
+
 def check_float_outputs(model: nn.Module, batches: Sequence[Batch]) -> None:
     """Every calibration batch must run through the float model and give finite outputs."""
     for index, batch in enumerate(batches):
@@ -138,10 +143,41 @@ def check_float_outputs(model: nn.Module, batches: Sequence[Batch]) -> None:
         except Exception:  # rerun with hooks to name the module that rejects the batch
             run_example(model, batch, what=f"calibration batch {index}")
             raise
-        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in output_tensors(output)):
+        if not finite(output):
             where = first_nonfinite_module(model, batch) or "the model's own forward"
             raise CalibrationError(f"{where}: produces NaN or Inf on calibration batch {index}; fix the "
                                    "model or the data (int8 ranges cannot be computed from non-finite values)")
+
+
+def check_example_outputs(model: nn.Module, example_inputs: Batch, example_outputs: Any,
+                          batches: Sequence[Batch]) -> None:
+    """Raise a CalibrationError naming the module at fault when the float model's outputs on the example
+    inputs are not finite (before anything compares a rewritten graph with them)."""
+    if finite(example_outputs):
+        return
+    check_float_outputs(model, batches)
+    where = first_nonfinite_module(model, example_inputs) or "the model's own forward"
+    raise CalibrationError(f"{where}: produces NaN or Inf on the example inputs; fix the model or pass other "
+                           "example inputs")
+
+
+class OutputCheck:
+    """check_float_outputs on the outputs of a pass over the batches that runs anyway (equalization's),
+    so that the check costs no pass of its own. `seen(index, output)` records each batch's output;
+    `finish()` runs check_float_outputs on the model (which names the module at fault) when a batch was
+    not seen or gave a non-finite output."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch]) -> None:
+        self.model, self.batches = model, batches
+        self.passed: set[int] = set()
+
+    def seen(self, index: int, output: Any) -> None:
+        if finite(output):
+            self.passed.add(index)
+
+    def finish(self) -> None:
+        if len(self.passed) < len(self.batches):
+            check_float_outputs(self.model, self.batches)
 
 
 # Below this many calibration samples the summary warns: activation ranges come from these samples alone.
@@ -161,3 +197,44 @@ def few_samples_note(batches: Sequence[Batch]) -> str | None:
             f"beyond them are clipped; {FEW_CALIBRATION_SAMPLES} or more representative samples (a few hundred "
             "where you have them) give ranges that hold on new data")
 
+
+
+def leading_samples(batch: Batch, count: int) -> Batch:
+    """The batch cut to its first `count` samples (tensors sliced along their first dimension). A model whose
+    inputs are not batched along it may reject the result: callers fall back to the whole batch."""
+    return tuple(value[:count] if isinstance(value, torch.Tensor) and value.dim() else value for value in batch)
+
+
+def _channels_last(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def _same_outputs(expected: Any, got: Any) -> bool:
+    expected, got = output_tensors(expected), output_tensors(got)
+    return len(expected) == len(got) and all(
+        a.shape == b.shape and torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max()) + 1e-6)
+        for a, b in zip(expected, got))
+
+
+def channels_last_batches(model: nn.Module, batches: Sequence[Batch]) -> list[Batch]:
+    """`batches` with their 4-D float tensors in channels-last layout, where `model` computes the same
+    on them (probed on one sample); else `batches` as they are.
+
+    fxq's own passes over the calibration batches (equalization's ranges, calibration, the simulation
+    walk) spend most of their time in convs, which oneDNN runs faster channels-last, and a conv keeps
+    its input's layout for the ops after it. A model may `view` an activation in a way only the
+    contiguous layout allows (ShuffleNet's channel shuffle), hence the probe. Observers and fxq's
+    statistics do not depend on the layout, only on the values, which agree up to summation order.
+    """
+    converted = [tuple(_channels_last(value) for value in batch) for batch in batches]
+    if all(new is old for batch, new_batch in zip(batches, converted) for old, new in zip(batch, new_batch)):
+        return list(batches)
+    sample = leading_samples(batches[0], 1)
+    try:
+        with torch.no_grad():
+            same = _same_outputs(model(*sample), model(*(_channels_last(value) for value in sample)))
+    except Exception:  # noqa: BLE001 - a layout the model's code cannot take: keep the batches as given
+        return list(batches)
+    return converted if same else list(batches)

@@ -32,8 +32,8 @@ from fxq.backend.float_outputs import dynamic_output_linears
 from fxq.backend.kernel_choice import convert_on_most_faithful_engine, engine_for_graph
 from fxq.backend.op_kinds import RECURRENT_TYPES, count_conversions, quantizes_op, weighted_layers
 from fxq.backend.weight_bits import measured_weight_grid
-from fxq.calibration import (Batch, check_float_outputs, few_samples_note, materialize, output_tensors,
-                             run_batches)
+from fxq.calibration import (Batch, OutputCheck, channels_last_batches, check_example_outputs, few_samples_note,
+                             materialize, output_tensors, run_batches)
 from fxq.config import Mode, QuantOptions, covered_modules, key_covers
 from fxq.errors import FxqError, TraceError
 from fxq.frontend.canonicalize import canonicalize_layers
@@ -47,7 +47,6 @@ from fxq.frontend.rewrite import fold_batchnorm, fuse_clamping_activations
 from fxq.frontend.trace import FloatLeaf, trace_model
 from fxq.recovery.equalization import equalize
 from fxq.recovery.layers import copy_biases
-from fxq.recovery.rounding import optimize_rounding
 from fxq.recovery.smoothing import choose_smoothing
 from fxq.recovery.simulation_pass import recover_on_simulation
 from fxq.summary import QuantizationSummary, attach, summary_of
@@ -113,6 +112,8 @@ class FloatGraph:
     choice: engine.EngineChoice  # the engine chosen for this graph
     rewrites: list[str]  # fold and fuse rewrites, described
     equalized_pairs: int
+    # the calibration batches as fxq's own passes over the graph take them (calibration.channels_last_batches)
+    pass_batches: list[Batch]
 
 
 @dataclass
@@ -202,13 +203,22 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
                         "an op was lost or changed in tracing, e.g. an in-place method whose result is unused "
                         "(x.add_(y)), which FX drops: write x = x + y", TraceError)
     choice = engine_for_graph(choice, options, has_conv_adds=bool(fusable_convs(gm, example_inputs)))
-    equalized = []
+    pass_batches = channels_last_batches(gm, batches)
+    equalized, check = [], OutputCheck(traced.work, batches)
     if options.equalize:
         with timer.step("equalize"):
-            equalized = equalize(gm, batches)
+            try:
+                equalized = equalize(gm, pass_batches, check.seen)
+            except Exception:  # a batch the model rejects: the check names the module
+                check.finish()
+                raise
+            check.finish()
             _check_function(expected, traced, example_inputs, "cross-layer equalization",
                             "it should only rescale channels. Pass equalize=False, and please report the model")
-    return FloatGraph(traced, choice, [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites], len(equalized))
+    else:
+        check.finish()
+    return FloatGraph(traced, choice, [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites], len(equalized),
+                      pass_batches)
 
 
 def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
@@ -239,7 +249,7 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
             return PipelineResult(_finish(*_quantize_dynamic(traced, example_inputs, calibration_data, options,
                                                              choice, timer), example_inputs))
         batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
-        check_float_outputs(work, batches)
+        check_example_outputs(work, example_inputs, traced.expected_outputs, batches)
         float_graph = build_float_graph(traced, example_inputs, batches, options, choice, timer)
         kept = copy.deepcopy(float_graph) if keep_float_graph else None
         quantized, summary = _quantize_static(float_graph, example_inputs, batches, options, timer)
@@ -253,7 +263,8 @@ def _quantize_part(module: nn.Module, example_inputs: Batch, batches: list[Batch
 
 
 def _dynamic_smoothing(model: nn.Module, linears: dict[str, nn.Linear], batches: list[Batch], options: QuantOptions,
-                       choice: engine.EngineChoice, timer: Timer, unsmoothed: dict[str, nn.Module] | None = None
+                       choice: engine.EngineChoice, timer: Timer, unsmoothed: dict[str, nn.Module] | None = None,
+                       known_inputs: dict[str, list[torch.Tensor]] | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The smoothing factors of the float `model`'s `linears` that run as dynamic int8 (recovery.smoothing),
     measured on `batches`, and the summary's line for each smoothed layer, by layer."""
@@ -262,7 +273,7 @@ def _dynamic_smoothing(model: nn.Module, linears: dict[str, nn.Linear], batches:
     with timer.step("smoothing"):
         factors, choices = choose_smoothing(
             model, linears, batches, lambda linear, smoothing: engine.dynamic_linear(linear, options, choice, smoothing),
-            unsmoothed)
+            unsmoothed, known_inputs)
     return factors, {c.layer: f"activation smoothing: {c.layer} (alpha {c.alpha}, int8 output error "
                               f"x{c.error_ratio:.2f}, smoothed float layer vs float {c.function_sqnr_db:.0f} dB)"
                      for c in choices if c.alpha is not None}
@@ -283,13 +294,15 @@ def _dynamic_batches(example_inputs: Batch, calibration_data: Iterable[Any] | No
 
 
 def _smooth_isolated_linears(quantized: nn.Module, float_gm: fx.GraphModule, names: list[str], batches: list[Batch],
-                             options: QuantOptions, choice: engine.EngineChoice, timer: Timer) -> list[str]:
+                             options: QuantOptions, choice: engine.EngineChoice, timer: Timer,
+                             known_inputs: dict[str, list[torch.Tensor]]) -> list[str]:
     """Static mode's Linears that became dynamic (backend.float_outputs) get smoothing where it measurably
-    beats their rounded weights; returns the summary's lines."""
+    beats their rounded weights; returns the summary's lines. `known_inputs` are the float inputs the
+    simulation pass kept (recover_on_simulation's linear_inputs)."""
     float_modules = dict(float_gm.named_modules())
     linears = {name: float_modules[name] for name in names if type(float_modules.get(name)) is nn.Linear}
     factors, lines = _dynamic_smoothing(float_gm, linears, batches, options, choice, timer,
-                                        {name: quantized.get_submodule(name) for name in linears})
+                                        {name: quantized.get_submodule(name) for name in linears}, known_inputs)
     with engine.using_engine(choice.engine):
         for name, smoothing in factors.items():
             replace_module(quantized, name, engine.dynamic_linear(linears[name], options, choice, smoothing))
@@ -402,23 +415,20 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         mapping = engine.build_static_qconfig_mapping(gm, options, choice, keep_float=island_modules)
         prepared = engine.prepare_static(gm, mapping, example_inputs, choice, non_traceable + island_modules)
     with timer.step("calibrate"):
-        run_batches(prepared, batches, progress=options.progress)
+        run_batches(prepared, float_graph.pass_batches, progress=options.progress)
         range_choices = engine.range_choices(prepared)
     grid = engine.weight_grid(options, choice)
     if grid.seven_bit:
         with timer.step("weight_bits"):
             grid, choice = measured_weight_grid(prepared, grid, choice, batches[0], tuple(conv_adds))
-    rounded = {}
-    if options.optimize_rounding:
-        with timer.step("rounding"):  # on the float graph: prepare fused modules of `gm` in place
-            rounded = optimize_rounding(float_gm, batches, grid, skip=float_keys)
-    corrected = []
+    rounded, corrected, linear_inputs = {}, [], {}
     if on_simulation:
         with timer.step("simulation_pass"):
             simulation = engine.convert_reference(copy.deepcopy(prepared), choice, conv_adds)
             rounded, corrected = recover_on_simulation(
-                simulation, float_gm, batches, rounded, refit_weights=options.optimize_rounding,
-                correct_biases=options.bias_correction, grid=grid, skip=float_keys)
+                simulation, float_gm, float_graph.pass_batches, {}, round_weights=options.optimize_rounding,
+                refit_weights=options.optimize_rounding, correct_biases=options.bias_correction, grid=grid,
+                skip=float_keys, linear_inputs=linear_inputs)
             copy_biases(simulation, prepared, [c.layer for c in corrected])
     with timer.step("convert"):
         quantized, choice, fidelity = convert_on_most_faithful_engine(prepared, options, choice, batches[0],
@@ -426,7 +436,8 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         engine.install_weights(quantized, {name: (r.values, r.scale) for name, r in rounded.items()}, choice)
         dynamic_outputs = dynamic_output_linears(quantized, choice.engine, choice.dynamic_reduce_range)
         restore_output_type(quantized, run_example(traced.work, example_inputs))
-    smoothed = _smooth_isolated_linears(quantized, float_gm, dynamic_outputs, batches, options, choice, timer)
+    smoothed = _smooth_isolated_linears(quantized, float_gm, dynamic_outputs, float_graph.pass_batches, options,
+                                        choice, timer, linear_inputs)
     recurrent, slower_recurrent = _dynamic_recurrent_layers(quantized, float_gm, example_inputs,
                                                             tuple(keep_float) + tuple(non_traceable), options,
                                                             choice, timer)

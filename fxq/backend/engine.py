@@ -25,7 +25,8 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 
 from fxq.backend import conv_add, float_shield
 from fxq.backend.dynamic_linear import DynamicLinear
-from fxq.backend.observers import AutoRangeObserver, MSEObserver, PercentileObserver
+from fxq.backend.observers import (AutoRangeObserver, ChannelsLastHistogramObserver, ChannelsLastMinMaxObserver,
+                                  ChannelsLastMovingAverageMinMaxObserver, MSEObserver, PercentileObserver)
 from fxq.backend.prelu_slopes import PReLUSlopeObserver
 from fxq.config import Backend, Observer, QuantOptions, key_covers
 from fxq.backend.op_kinds import DYNAMIC_TYPES, is_quantized_module
@@ -196,9 +197,9 @@ def select_engine(options: QuantOptions) -> EngineChoice:
 def _activation_observer(kind: Observer, reduce_range: bool):
     common = dict(dtype=torch.quint8, reduce_range=reduce_range)
     table = {
-        Observer.MINMAX: ao_observer.MinMaxObserver,
-        Observer.MOVING_AVERAGE: ao_observer.MovingAverageMinMaxObserver,
-        Observer.HISTOGRAM: ao_observer.HistogramObserver,
+        Observer.MINMAX: ChannelsLastMinMaxObserver,
+        Observer.MOVING_AVERAGE: ChannelsLastMovingAverageMinMaxObserver,
+        Observer.HISTOGRAM: ChannelsLastHistogramObserver,
         Observer.AUTO: AutoRangeObserver,
         Observer.PERCENTILE: PercentileObserver,
         Observer.MSE: MSEObserver,

@@ -7,7 +7,39 @@ only change how the final range is chosen, so the engine's prepare/convert treat
 from __future__ import annotations
 
 import torch
-from torch.ao.quantization.observer import HistogramObserver
+from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+
+
+def contiguous_view(x: torch.Tensor) -> torch.Tensor:
+    """The same values as a contiguous tensor without a copy when `x` is channels-last (its NHWC permute).
+
+    fxq calibrates in channels-last where the model allows it (calibration.channels_last_batches), but
+    torch's full reductions are slow on that layout: aminmax took 50 against 5 ms and histc 78 against 33
+    ms on a 16x96x112x112 channels-last tensor and its contiguous view (2 threads). An activation
+    observer's statistics do not depend on the order of the values."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
+
+
+class _ReadsContiguousView:
+    """Mixin for an activation observer: it records `contiguous_view` of its input, and passes the input on."""
+
+    def forward(self, x_orig):
+        super().forward(contiguous_view(x_orig))
+        return x_orig
+
+
+class ChannelsLastMinMaxObserver(_ReadsContiguousView, MinMaxObserver):
+    """torch.ao's MinMaxObserver, as fast on channels-last inputs as on contiguous ones."""
+
+
+class ChannelsLastMovingAverageMinMaxObserver(_ReadsContiguousView, MovingAverageMinMaxObserver):
+    """torch.ao's MovingAverageMinMaxObserver, as fast on channels-last inputs as on contiguous ones."""
+
+
+class ChannelsLastHistogramObserver(_ReadsContiguousView, HistogramObserver):
+    """torch.ao's HistogramObserver, as fast on channels-last inputs as on contiguous ones."""
 
 
 def _bin_centers(observer: HistogramObserver) -> torch.Tensor:
@@ -71,7 +103,7 @@ DEFAULT_PERCENTILE = 99.99
 DEFAULT_STEPS = 100
 
 
-class PercentileObserver(HistogramObserver):
+class PercentileObserver(ChannelsLastHistogramObserver):
     """Range spanning the given central percentile of observed values (clips rare outliers)."""
 
     def __init__(self, percentile: float = DEFAULT_PERCENTILE, **kwargs) -> None:
@@ -85,7 +117,7 @@ class PercentileObserver(HistogramObserver):
         return _qparams(self, percentile_range(self, self.percentile))
 
 
-class MSEObserver(HistogramObserver):
+class MSEObserver(ChannelsLastHistogramObserver):
     """Range minimizing the expected quantization MSE over the observed histogram (grid search)."""
 
     def __init__(self, steps: int = DEFAULT_STEPS, **kwargs) -> None:

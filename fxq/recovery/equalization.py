@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxq.backend.observers import contiguous_view
 from fxq.calibration import Batch
 from fxq.frontend.graph import get_module
 from fxq.frontend.rewrite import unwrap
@@ -137,26 +138,38 @@ def _channels_out(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
-def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch],
-                    nodes: dict[fx.Node, nn.Module]) -> dict[fx.Node, torch.Tensor]:
+def _channel_peaks(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Per-channel max |value| of a layer's output. max(amax, -amin) reads x twice but writes nothing (abs
+    then amax took twice as long); a channels-last conv output is reduced through its NHWC view."""
+    if not isinstance(layer, nn.Linear) and contiguous_view(x) is not x:
+        x, dims = contiguous_view(x).reshape(-1, x.shape[1]), [0]
+    else:
+        dims = non_channel_dims(x, layer)
+    return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
+
+
+def _channel_ranges(gm: fx.GraphModule, batches: Sequence[Batch], nodes: dict[fx.Node, nn.Module],
+                    on_output: Callable[[int, Any], None] | None = None) -> dict[fx.Node, torch.Tensor]:
     """Per-channel max |value| of each listed node's output over the batches (one interpreter pass).
 
     `nodes` maps each node to a layer of its group, which says where the channels are (conv: dim 1,
-    linear: the last dim)."""
+    linear: the last dim). `on_output(index, output)` sees each batch's graph output."""
     ranges: dict[fx.Node, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, node: fx.Node):
             result = super().run_node(node)
             if node in nodes and isinstance(result, torch.Tensor):
-                peak = result.detach().abs().amax(dim=non_channel_dims(result, nodes[node]))
+                peak = _channel_peaks(result.detach(), nodes[node])
                 ranges[node] = torch.maximum(ranges[node], peak) if node in ranges else peak
             return result
 
     with torch.no_grad():
         recorder = Recorder(gm)
-        for batch in batches:
-            recorder.run(*batch)
+        for index, batch in enumerate(batches):
+            output = recorder.run(*batch)
+            if on_output is not None:
+                on_output(index, output)
     return ranges
 
 
@@ -214,13 +227,17 @@ def _spread(values: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def equalize(gm: fx.GraphModule, batches: Sequence[Batch]) -> list[EqualizedGroup]:
-    """Equalize every rescalable group using calibration activation ranges; the float function is kept."""
+def equalize(gm: fx.GraphModule, batches: Sequence[Batch],
+             on_output: Callable[[int, Any], None] | None = None) -> list[EqualizedGroup]:
+    """Equalize every rescalable group using calibration activation ranges; the float function is kept.
+
+    When there is something to equalize, the graph runs on every batch, and `on_output(index, output)` sees
+    its outputs (the pipeline checks them, rather than running the float model once more to do so)."""
     groups = find_groups(gm)
     if not groups:
         return []
     ranges = _channel_ranges(gm, batches, {node: unwrap(get_module(gm, group.producers[0]))[0]
-                                           for group in groups for node in group.tensors})
+                                           for group in groups for node in group.tensors}, on_output)
     done = []
     for group in groups:
         if any(node not in ranges for node in group.tensors):

@@ -142,17 +142,33 @@ def _first_samples(batches: Sequence[Batch], limit: int) -> list[Batch]:
     return chosen
 
 
+def walked_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, skip: Iterable[str | type] = ()) -> set[str]:
+    """Names of the layers paired_layers yields (unless the walk ends early at a layer the float graph
+    lacks): the simulation's weighted layers called once, present in the float graph and not in `skip`."""
+    skip = tuple(skip)
+    calls = Counter(str(node.target) for node in simulation.graph.nodes if node.op == "call_module")
+    float_modules = dict(float_gm.named_modules())
+    walked = set()
+    for node in simulation.graph.nodes:
+        name = str(node.target)
+        if calls[name] != 1 or unwrap(get_module(simulation, node))[0] is None:
+            continue
+        float_layer, _ = unwrap(float_modules.get(name))
+        if float_layer is not None and not key_covers(skip, name, float_layer):
+            walked.add(name)
+    return walked
+
+
 def paired_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches: Sequence[Batch],
                   skip: Iterable[str | type] = ()) -> Iterator[PairedLayer]:
     """The simulation's quantized layers in graph order, each paired with the float model's.
 
     `float_gm` is the float graph the simulation was prepared from (same module names). Layers `skip`
-    keeps in float and layers called more than once are passed over; a layer the float graph lacks
-    ends the walk, since nothing after it can be paired. Run it under torch.no_grad().
+    keeps in float and layers called more than once are passed over (walked_layers); a layer the float
+    graph lacks ends the walk, since nothing after it can be paired. Run it under torch.no_grad().
     """
-    skip = tuple(skip)
+    walked = walked_layers(simulation, float_gm, skip)
     batches = _first_samples(batches, MAX_SAMPLES)
-    calls = Counter(str(node.target) for node in simulation.graph.nodes if node.op == "call_module")
     float_walk = _layer_major(float_gm, batches)
     for node, simulated_inputs in _layer_major(simulation, batches):
         name = str(node.target)
@@ -161,8 +177,8 @@ def paired_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches:
                 break
         else:
             return
-        simulated, _ = unwrap(get_module(simulation, node))
-        float_layer, clamp = unwrap(get_module(float_gm, float_node))
-        if calls[name] == 1 and not key_covers(skip, name, float_layer):
+        if name in walked:
+            simulated, _ = unwrap(get_module(simulation, node))
+            float_layer, clamp = unwrap(get_module(float_gm, float_node))
             yield PairedLayer(name, simulated, float_layer, clamp, simulated_inputs, float_inputs,
                               sample_step(float_layer, float_inputs[0]))

@@ -16,7 +16,7 @@ engine's own, so the values computed here are installed into the converted int8 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,19 @@ def _patches(layer: nn.Module, x: torch.Tensor, step: int = 1) -> torch.Tensor:
     return columns.unsqueeze(0)
 
 
+def _sample_count(layer: nn.Module, x: torch.Tensor, step: int = 1) -> int:
+    """How many input columns `_patches` forms from x (its last dimension), from the shapes alone."""
+    if isinstance(layer, nn.Linear):
+        return x.numel() // x.shape[-1]
+    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), 0):
+        return x.shape[0] * -(-x.shape[2] // step) * -(-x.shape[3] // step)
+    positions = 1
+    for size, kernel, stride, padding, dilation in zip(x.shape[2:], layer.kernel_size, layer.stride, layer.padding,
+                                                       layer.dilation):
+        positions *= (size + 2 * padding - dilation * (kernel - 1) - 1) // (stride * step) + 1
+    return min(x.shape[0], PATCH_IMAGES_PER_BATCH) * positions
+
+
 def _damped(hessian: torch.Tensor) -> torch.Tensor:
     """Input second moments made safely invertible: inputs that are always zero get a unit diagonal
     (any rounding of their weights is exact), and every diagonal grows by DAMPING of its mean."""
@@ -120,31 +133,53 @@ def _round_columns(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Ten
 
 @torch.no_grad()
 def optimize_rounding(gm: fx.GraphModule, batches: Sequence[Batch], grid: WeightGrid = WeightGrid(),
-                      skip: Iterable[str | type] = ()) -> dict[str, RoundedWeight]:
-    """Error-compensated int8 weights for every supported layer, keyed by module name.
+                      skip: Iterable[str | type] = (), only: Collection[str] | None = None
+                      ) -> dict[str, RoundedWeight]:
+    """Error-compensated int8 weights for every supported layer (or those named in `only`), keyed by module
+    name, from one pass over the batches that records each layer's input second moment.
 
     The float model is not changed: the result goes to bias correction and into the int8 modules.
     """
-    layers = {str(node.target): layer for node, layer, _ in weighted_nodes(gm, skip) if supports(layer)}
+    layers = {str(node.target): layer for node, layer, _ in weighted_nodes(gm, skip)
+              if supports(layer) and (only is None or str(node.target) in only)}
+    if not layers:
+        return {}
     moments: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor, _output: torch.Tensor) -> None:
-        columns = _patches(layers[name], x.detach(), sample_step(layers[name], x))
-        update = (columns @ columns.transpose(1, 2)).double()  # float32 product, float64 running sum
+        update = _moment(layers[name], [x.detach()], sample_step(layers[name], x))
         moments[name] = moments[name] + update if name in moments else update
 
     run_with_hooks(gm, batches, {name: gm.get_submodule(name) for name in layers}, record)
-    rounded = {}
-    for name, layer in layers.items():
-        if name not in moments:
-            continue
-        weight = layer.weight.detach()
-        scale, quant_min, quant_max = weight_qparams(weight, grid.of(name))
-        grouped, row_scale = _grouped(layer, weight, scale)
-        values = _round_columns(grouped, moments[name], row_scale, _as_rows(layer, weight, quant_min),
-                                _as_rows(layer, weight, quant_max))
-        rounded[name] = RoundedWeight(values.reshape(weight.shape), scale, quant_min, quant_max)
-    return rounded
+    return {name: _rounded(name, layer, moments[name], grid) for name, layer in layers.items() if name in moments}
+
+
+@torch.no_grad()
+def round_on_float_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()) -> RoundedWeight | None:
+    """optimize_rounding's weights for one layer of the simulation walk, from the float inputs the walk
+    already holds (so the rounding needs no pass of its own), or None for a layer it does not support."""
+    layer = pair.float_layer
+    if not supports(layer):
+        return None
+    return _rounded(pair.name, layer, _moment(layer, pair.float_inputs, pair.step), grid)
+
+
+def _moment(layer: nn.Module, inputs: Iterable[torch.Tensor], step: int) -> torch.Tensor:
+    """Sum over the inputs of the layer's input second moment [groups, K, K], at the sampled positions."""
+    total: torch.Tensor | int = 0
+    for x in inputs:
+        columns = _patches(layer, x, step)
+        total = total + (columns @ columns.transpose(1, 2)).double()  # float32 product, float64 running sum
+    return total
+
+
+def _rounded(name: str, layer: nn.Module, moment: torch.Tensor, grid: WeightGrid) -> RoundedWeight:
+    weight = layer.weight.detach()
+    scale, quant_min, quant_max = weight_qparams(weight, grid.of(name))
+    grouped, row_scale = _grouped(layer, weight, scale)
+    values = _round_columns(grouped, moment, row_scale, _as_rows(layer, weight, quant_min),
+                            _as_rows(layer, weight, quant_max))
+    return RoundedWeight(values.reshape(weight.shape), scale, quant_min, quant_max)
 
 
 def _grouped(layer: nn.Module, weight: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,10 +296,11 @@ def refit_on_quantized_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()
     layer = pair.float_layer
     if not supports(layer):
         return None
-    chunks = _chunks(pair)
-    moments, crosses, samples = _fold_moments(layer, chunks, pair.step)
-    if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):
+    samples = sum(_sample_count(layer, x, pair.step) for x in pair.simulated_inputs)
+    if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):  # checked first: the moments cost seconds
         return None
+    chunks = _chunks(pair)
+    moments, crosses, _ = _fold_moments(layer, chunks, pair.step)
     weight = layer.weight.detach()
     scale, quant_min, quant_max = weight_qparams(weight, grid.of(pair.name))
     grouped, row_scale = _grouped(layer, weight, scale)

@@ -61,6 +61,10 @@ def smoothing_factors(input_absmax: torch.Tensor, weight: torch.Tensor, alpha: f
 KEPT_INPUT_VALUES = 64 * 2**20
 
 
+def _channel_absmax(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+
+
 def _first_pass(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple]
                 ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]] | None]:
     """Per layer: the largest |input| of each input channel, and every call's input (None when they would
@@ -73,7 +77,7 @@ def _first_pass(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Seq
         def hook(module: nn.Module, args: tuple) -> None:
             nonlocal inputs, kept
             x = args[0].detach()
-            channels = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            channels = _channel_absmax(x)
             absmax[name] = torch.maximum(absmax[name], channels) if name in absmax else channels
             if inputs is not None:
                 kept += x.numel()
@@ -93,14 +97,20 @@ def _first_pass(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Seq
 
 
 def choose_smoothing(model: nn.Module, linears: Mapping[str, nn.Linear], batches: Sequence[tuple],
-                     kernel: KernelFactory, unsmoothed: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                     kernel: KernelFactory, unsmoothed: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+                     known_inputs: Mapping[str, Sequence[torch.Tensor]] | None = None
                      ) -> tuple[dict[str, torch.Tensor], list[SmoothingChoice]]:
     """Per layer of `linears` (submodules of the float `model`, by name): the smoothing factors that bring
     its int8 output (`kernel`) closest to its float output on `batches`, if any brings it below
     MIN_ERROR_RATIO of the unsmoothed error; the unsmoothed int8 layer is `kernel(linear, None)` unless
     `unsmoothed` gives it (e.g. weights already rounded by optimize_rounding). Returns the factors by
-    layer and every layer's measured choice."""
-    absmax, inputs = _first_pass(model, linears, batches)
+    layer and every layer's measured choice. Where `known_inputs` holds every layer's calibration inputs
+    (the simulation walk's), they are used instead of a pass over `batches`."""
+    if known_inputs is not None and all(name in known_inputs for name in linears):
+        inputs = {name: list(known_inputs[name]) for name in linears}
+        absmax = {name: torch.stack([_channel_absmax(x) for x in xs]).amax(0) for name, xs in inputs.items() if xs}
+    else:
+        absmax, inputs = _first_pass(model, linears, batches)
     candidates = {name: {alpha: smoothing_factors(absmax[name], linear.weight, alpha) for alpha in ALPHAS}
                   for name, linear in linears.items() if name in absmax}
     kernels = {name: {alpha: kernel(linears[name], factors) for alpha, factors in by_alpha.items()}
