@@ -25,8 +25,9 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 
 from fxq.backend import conv_add, float_shield
 from fxq.backend.dynamic_linear import DynamicLinear
-from fxq.backend.observers import (AutoRangeObserver, ChannelsLastHistogramObserver, ChannelsLastMinMaxObserver,
-                                  ChannelsLastMovingAverageMinMaxObserver, MSEObserver, PercentileObserver)
+from fxq.backend.observers import (AutoRangeObserver, ChannelsLastMinMaxObserver,
+                                  ChannelsLastMovingAverageMinMaxObserver, MSEObserver, PercentileObserver,
+                                  SampledHistogramObserver)
 from fxq.backend.prelu_slopes import PReLUSlopeObserver
 from fxq.config import Backend, Observer, QuantOptions, key_covers
 from fxq.backend.op_kinds import DYNAMIC_TYPES, is_quantized_module
@@ -199,7 +200,7 @@ def _activation_observer(kind: Observer, reduce_range: bool):
     table = {
         Observer.MINMAX: ChannelsLastMinMaxObserver,
         Observer.MOVING_AVERAGE: ChannelsLastMovingAverageMinMaxObserver,
-        Observer.HISTOGRAM: ChannelsLastHistogramObserver,
+        Observer.HISTOGRAM: SampledHistogramObserver,
         Observer.AUTO: AutoRangeObserver,
         Observer.PERCENTILE: PercentileObserver,
         Observer.MSE: MSEObserver,

@@ -140,11 +140,15 @@ def _channels_out(layer: nn.Module) -> int:
 
 def _channel_peaks(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """Per-channel max |value| of a layer's output. max(amax, -amin) reads x twice but writes nothing (abs
-    then amax took twice as long); a channels-last conv output is reduced through its NHWC view."""
-    if not isinstance(layer, nn.Linear) and contiguous_view(x) is not x:
-        x, dims = contiguous_view(x).reshape(-1, x.shape[1]), [0]
-    else:
-        dims = non_channel_dims(x, layer)
+    then amax took twice as long). Where the channels are the innermost dimension (a linear output, a
+    channels-last conv output's NHWC view), the rows are reduced in groups first: torch reduced a
+    [200704, 96] matrix over its rows in 11.5 ms, and as [784, 256, 96] over both in 4.0 ms."""
+    if isinstance(layer, nn.Linear) or contiguous_view(x) is not x:
+        rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else contiguous_view(x).reshape(-1, x.shape[1])
+        group = next(size for size in (256, 64, 16, 1) if rows.shape[0] % size == 0)
+        grouped = rows.view(-1, group, rows.shape[1])
+        return torch.maximum(grouped.amax(1).amax(0), -grouped.amin(1).amin(0))
+    dims = non_channel_dims(x, layer)
     return torch.maximum(x.amax(dim=dims), -x.amin(dim=dims))
 
 

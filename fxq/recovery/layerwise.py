@@ -31,9 +31,10 @@ MAX_SAMPLES = 64
 # Output positions per image at which a conv's statistics (refit moments, held-out shrinkage, bias shift) are
 # taken. They are per-channel averages and K x K moments; an early MobileNetV2 layer has 12544 positions per
 # image, so a regular subgrid of them estimates the same averages at a fraction of the cost, and the cost per
-# layer stops growing with the image size. At 64 calibration crops, 28 x 28 moved logits SQNR by -0.01 dB
-# (MobileNetV2) and -0.08 dB (BN-recalibrated ResNet-50); 14 x 14 by +0.12 and -0.23 dB, 7 x 7 by -1.5 dB.
-SAMPLED_POSITIONS = 28 * 28
+# layer stops growing with the image size. At 64 calibration crops (logits SQNR on 256 others), 14 x 14
+# against 28 x 28 moved MobileNetV2 by +0.11 and +0.05 dB (two pairs of crop seeds) and BN-recalibrated
+# ResNet-50 by -0.08 dB, and cut their quantize time by 1.6 and 4 s; 7 x 7 cost 1.5 dB on MobileNetV2.
+SAMPLED_POSITIONS = 14 * 14
 
 
 def sample_step(layer: nn.Module, x: torch.Tensor) -> int:
@@ -73,6 +74,8 @@ class PairedLayer:
     float_inputs: list[torch.Tensor]
     step: int = 1  # statistics are taken at every step-th output row and column (sample_step)
     _float_outputs: list[torch.Tensor] | None = field(default=None, repr=False)
+    # (weight version, bias, full outputs) of the last simulated_outputs call, for walked_outputs
+    _simulated: tuple[int, torch.Tensor | None, list[torch.Tensor]] | None = field(default=None, repr=False)
 
     def float_outputs(self) -> list[torch.Tensor]:
         """The float layer's outputs (before the clamp) at the sampled positions, per batch."""
@@ -82,9 +85,30 @@ class PairedLayer:
         return self._float_outputs
 
     def simulated_outputs(self) -> list[torch.Tensor]:
-        """The simulated layer's outputs (its current weights and bias) at the sampled positions, per batch."""
-        with sampled_positions(self.simulated, self.step):
-            return [self.simulated(x) for x in self.simulated_inputs]
+        """The simulated layer's outputs (its current weights and bias) at the sampled positions, per batch.
+
+        They are computed at full resolution and kept, so that the walk, which runs the layer once the
+        caller is done with it, takes them (walked_outputs) instead of running it again."""
+        bias = self.simulated.bias
+        full = [self.simulated(x) for x in self.simulated_inputs]
+        self._simulated = (self.simulated.weight._version, None if bias is None else bias.detach().clone(), full)
+        return [_every(y, self.step) for y in full]
+
+    def walked_outputs(self) -> list[torch.Tensor] | None:
+        """The simulated layer's full outputs (before its clamp) as the walk would compute them now: those
+        simulated_outputs kept, shifted by any change of the bias since; None when there are none, or the
+        weights changed since."""
+        if self._simulated is None:
+            return None
+        version, bias, full = self._simulated
+        if self.simulated.weight._version != version:
+            return None
+        current = self.simulated.bias
+        if bias is None or torch.equal(bias, current):
+            return full
+        shift = (current.detach() - bias).reshape(channel_axis_shape(self.simulated, bias.numel()))
+        self._simulated = None
+        return [y.add_(shift) for y in full]  # the kept outputs are this pair's own
 
     def linear_region(self, output: torch.Tensor) -> torch.Tensor:
         """Where the fused clamp passes this layer's output (float or simulated) through unchanged."""
@@ -111,9 +135,27 @@ def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
     return last
 
 
-def _layer_major(gm: fx.GraphModule, batches: Sequence[Batch]) -> Iterator[tuple[fx.Node, list[torch.Tensor]]]:
-    """Run `gm` node by node over all batches, yielding (weighted node, its input per batch) before
-    the node runs."""
+def after_layer(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """What `module` (a layer, or a fused container whose first module is the layer: see unwrap) does
+    with its layer's output: the container's other modules, in order."""
+    if isinstance(module, nn.Sequential):
+        for later in list(module)[1:]:
+            output = later(output)
+    return output
+
+
+def _every(y: torch.Tensor, step: int) -> torch.Tensor:
+    """Every step-th row and column of a conv output: what the conv computes at `step` times its stride."""
+    return y[..., ::step, ::step] if step > 1 else y
+
+
+def _layer_major(gm: fx.GraphModule, batches: Sequence[Batch], layer_outputs: bool = False,
+                 computed: dict[fx.Node, list[torch.Tensor]] | None = None
+                 ) -> Iterator[tuple[fx.Node, list[torch.Tensor], list[torch.Tensor] | None]]:
+    """Run `gm` node by node over all batches, yielding (weighted node, its input per batch, None) before
+    the node runs; with `layer_outputs`, the layer runs first and its output before the fused clamp (per
+    batch) comes third, so that statistics need not run the layer again. A weighted node the caller put
+    in `computed` by the time the walk resumes takes those outputs (per batch) instead of running."""
     runners = []
     for batch in batches:
         runner = fx.Interpreter(gm)
@@ -122,10 +164,25 @@ def _layer_major(gm: fx.GraphModule, batches: Sequence[Batch]) -> Iterator[tuple
         runners.append(runner)
     last_uses = _last_uses(gm)
     for node in gm.graph.nodes:
-        if unwrap(get_module(gm, node))[0] is not None:
-            yield node, [runner.env[node.args[0]] for runner in runners]
+        layer = unwrap(get_module(gm, node))[0]
+        done = False
+        if layer is not None:
+            inputs = [runner.env[node.args[0]] for runner in runners]
+            if layer_outputs and len(node.args) == 1 and not node.kwargs:
+                outputs = [layer(x) for x in inputs]
+                yield node, inputs, outputs
+                for runner, output in zip(runners, outputs):
+                    runner.env[node] = after_layer(get_module(gm, node), output)
+                done = True
+            else:
+                yield node, inputs, None
+                if computed is not None and node in computed:
+                    for runner, output in zip(runners, computed.pop(node)):
+                        runner.env[node] = output
+                    done = True
         for runner in runners:
-            runner.env[node] = runner.run_node(node)
+            if not done:
+                runner.env[node] = runner.run_node(node)
             for dead in last_uses[node]:
                 del runner.env[dead]
 
@@ -169,10 +226,11 @@ def paired_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches:
     """
     walked = walked_layers(simulation, float_gm, skip)
     batches = _first_samples(batches, MAX_SAMPLES)
-    float_walk = _layer_major(float_gm, batches)
-    for node, simulated_inputs in _layer_major(simulation, batches):
+    float_walk = _layer_major(float_gm, batches, layer_outputs=True)
+    computed: dict[fx.Node, list[torch.Tensor]] = {}
+    for node, simulated_inputs, _ in _layer_major(simulation, batches, computed=computed):
         name = str(node.target)
-        for float_node, float_inputs in float_walk:
+        for float_node, float_inputs, float_outputs in float_walk:
             if str(float_node.target) == name:
                 break
         else:
@@ -180,5 +238,10 @@ def paired_layers(simulation: fx.GraphModule, float_gm: fx.GraphModule, batches:
         if name in walked:
             simulated, _ = unwrap(get_module(simulation, node))
             float_layer, clamp = unwrap(get_module(float_gm, float_node))
-            yield PairedLayer(name, simulated, float_layer, clamp, simulated_inputs, float_inputs,
-                              sample_step(float_layer, float_inputs[0]))
+            step = sample_step(float_layer, float_inputs[0])
+            sampled = None if float_outputs is None else [_every(y, step) for y in float_outputs]
+            pair = PairedLayer(name, simulated, float_layer, clamp, simulated_inputs, float_inputs, step, sampled)
+            yield pair
+            outputs = pair.walked_outputs()
+            if outputs is not None and len(node.args) == 1 and not node.kwargs:
+                computed[node] = [after_layer(get_module(simulation, node), y) for y in outputs]
