@@ -99,7 +99,7 @@ class ModelResult:
     sqnr_db: dict[str, float | Failure] = field(default_factory=dict)
     size_ratio: dict[str, float | Failure] = field(default_factory=dict)
     fxq_engine: str | Failure | None = None
-    fxq_rounding_s: float | None = None
+    fxq_simulation_s: float | None = None
     compile_s: dict[int, float | Failure | str] = field(default_factory=dict)
     # batch size -> {"float eager ms": ..., flow: int8-or-compiled / eager median ratio, "fxq int8 ms": ...}
     latency: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -229,7 +229,7 @@ def benchmark_model(name: str, calibration: list[torch.Tensor], evaluation: torc
         if flow == FXQ:
             summary = fxq.summary_of(int8_model)
             engine = summary.engine
-            result.fxq_engine, result.fxq_rounding_s = engine, summary.timings_s.get("rounding")
+            result.fxq_engine, result.fxq_simulation_s = engine, summary.timings_s.get("simulation_pass")
             print(f"  fxq steps (s): {summary.timings_s}, engine {engine}", flush=True)
         else:
             engine = NATIVE_ENGINE
@@ -314,12 +314,12 @@ def latency_table(results: list[ModelResult]) -> str:
 
 def model_table(results: list[ModelResult], batch_sizes: list[int]) -> str:
     headers = ["model", "weights", f"{NATIVE} SQNR dB", f"{FXQ} SQNR dB", "float MB", f"{NATIVE} size / float",
-               f"{FXQ} size / float", f"{NATIVE} quantize s", f"{FXQ} quantize s", "fxq rounding s", "fxq engine"]
+               f"{FXQ} size / float", f"{NATIVE} quantize s", f"{FXQ} quantize s", "fxq simulation pass s", "fxq engine"]
     headers += [f"{COMPILE} s (batch {b})" for b in batch_sizes]
     rows = [[r.name, r.weights, cell(r.sqnr_db.get(NATIVE), ".2f"), cell(r.sqnr_db.get(FXQ), ".2f"),
              cell(r.float_mb, ".2f"), cell(r.size_ratio.get(NATIVE), ".3f"), cell(r.size_ratio.get(FXQ), ".3f"),
              cell(r.quantize_s.get(NATIVE), ".1f"), cell(r.quantize_s.get(FXQ), ".1f"),
-             cell(r.fxq_rounding_s, ".1f"), cell(r.fxq_engine, "")]
+             cell(r.fxq_simulation_s, ".1f"), cell(r.fxq_engine, "")]
             + [cell(r.compile_s.get(b), ".0f") for b in batch_sizes] for r in results]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
@@ -384,7 +384,8 @@ def render(results: list[ModelResult], failures: list[Failure], args: argparse.N
         f"- {NATIVE}: torch.ao prepare_fx/convert_fx with get_default_qconfig_mapping('{NATIVE_ENGINE}'), BN "
         f"fused by prepare_fx's default fusion, engine {NATIVE_ENGINE}.",
         f"- {FXQ}: fxq.quantize defaults (BN folding, equalization, bias correction, optimized rounding, engine "
-        f"chosen by fidelity); `fxq rounding s` is the optimized-rounding share of `{FXQ} quantize s`.",
+        f"chosen by fidelity); `fxq simulation pass s` is the share of `{FXQ} quantize s` spent in the recovery "
+        "walk (optimized rounding, weight refit, bias correction).",
         "- Size: serialized bytes, int8 TorchScript (torch.jit.save) over float state_dict (torch.save).",
         "- SQNR: logits against float eager over the evaluation crops, in dB.",
         "",

@@ -55,7 +55,7 @@ def test_quick_suite_writes_tables_with_numbers(tmp_path):
     assert 40 < float(model["float MB"]) < 50
     for column in ("native FX int8 size / float", "fxq int8 size / float"):
         assert 0.2 < float(model[column]) < 0.35, column
-    assert 0 < float(model["fxq rounding s"]) <= float(model["fxq int8 quantize s"])
+    assert 0 < float(model["fxq simulation pass s"]) <= float(model["fxq int8 quantize s"])
     assert float(model["native FX int8 quantize s"]) > 0
     assert model["fxq engine"] in torch.backends.quantized.supported_engines
     assert "## Failures" not in text

@@ -312,7 +312,7 @@ def test_a_rewrite_that_changed_the_function_is_refused(photo_batches, monkeypat
     sensitivity analyzer (which measures against that graph) both refuse a broken one."""
     import fxq.pipeline
 
-    def broken_equalize(gm, batches):  # an equalization that forgets to compensate in the consumer
+    def broken_equalize(gm, batches, on_output=None):  # an equalization that forgets to compensate in the consumer
         gm.get_submodule("mid.0")[0].weight.data.mul_(2.0)
         return []
 
