@@ -222,15 +222,22 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
 
 
 def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
-                   options: QuantOptions, *, keep_float_graph: bool = False) -> PipelineResult:
+                   options: QuantOptions, *, keep_float_graph: bool = False,
+                   float_graph: FloatGraph | None = None) -> PipelineResult:
     """Quantize a copy of `model` (static or dynamic; inputs already validated; QAT goes through
     `prepare_qat_model`) and attach its summary.
 
     With `keep_float_graph`, the result also carries a copy of the float graph that was quantized, for
-    measurements against it (fxq.sensitivity).
+    measurements against it (fxq.sensitivity). A `float_graph` kept that way, from the same model, example
+    inputs, calibration data and options but for keep_float (which tracing, folding and equalization do not
+    read), is quantized again (a copy of it) instead of building one: the analyzer's verifications.
     """
     choice = engine.select_engine(options)
     timer = Timer(options.progress)
+    if float_graph is not None:
+        with seeded(options.seed), engine.using_engine(choice.engine):
+            batches = materialize(calibration_data, example_inputs, options.max_calibration_batches)
+            return _static_result(copy.deepcopy(float_graph), example_inputs, batches, options, timer)
     with seeded(options.seed), engine.using_engine(choice.engine):
         work = eval_copy(model, example_inputs)
         with timer.step("trace"):
@@ -252,9 +259,14 @@ def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: It
         check_example_outputs(work, example_inputs, traced.expected_outputs, batches)
         float_graph = build_float_graph(traced, example_inputs, batches, options, choice, timer)
         kept = copy.deepcopy(float_graph) if keep_float_graph else None
-        quantized, summary = _quantize_static(float_graph, example_inputs, batches, options, timer)
-        summary.notes += [few] if (few := few_samples_note(batches)) else []
-        return PipelineResult(_finish(quantized, summary, example_inputs), kept)
+        return _static_result(float_graph, example_inputs, batches, options, timer, kept)
+
+
+def _static_result(float_graph: FloatGraph, example_inputs: Batch, batches: list[Batch], options: QuantOptions,
+                   timer: Timer, kept: FloatGraph | None = None) -> PipelineResult:
+    quantized, summary = _quantize_static(float_graph, example_inputs, batches, options, timer)
+    summary.notes += [few] if (few := few_samples_note(batches)) else []
+    return PipelineResult(_finish(quantized, summary, example_inputs), kept)
 
 
 def _quantize_part(module: nn.Module, example_inputs: Batch, batches: list[Batch],
