@@ -304,3 +304,17 @@ def test_a_depthwise_conv_with_a_channel_multiplier_quantizes():
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert _sqnr(model(x), quantized(x)) > 25.0
+
+
+def test_error_compensated_rounding_leaves_the_weights_it_reads_alone():
+    """GPTQ updates a working copy; the float layer's weight (a depthwise [C, 1, K] view here, whose
+    transpose is already contiguous) must not change."""
+    torch.manual_seed(0)
+    for weight in (torch.randn(8, 1, 9), torch.randn(1, 16, 12)):
+        inputs = torch.randn(weight.shape[0], weight.shape[2], 200)
+        before = weight.clone()
+        scale = (weight.abs().amax(-1) / 127).reshape(weight.shape[0], weight.shape[1])
+        values = rounding._round_columns(weight, (inputs @ inputs.transpose(1, 2)).double(), scale, -128, 127)
+        assert torch.equal(weight, before)
+        steps = values / scale.unsqueeze(-1)
+        assert torch.allclose(steps, steps.round(), atol=1e-3) and not torch.equal(values, weight)
