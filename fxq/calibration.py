@@ -163,17 +163,21 @@ def check_example_outputs(model: nn.Module, example_inputs: Batch, example_outpu
 
 class OutputCheck:
     """check_float_outputs on the outputs of a pass over the batches that runs anyway (equalization's),
-    so that the check costs no pass of its own. `seen(index, output)` records each batch's output;
-    `finish()` runs check_float_outputs on the model (which names the module at fault) when a batch was
-    not seen or gave a non-finite output."""
+    so that the check costs no pass of its own. `seen(index, output)` takes each batch's output and
+    raises at the first non-finite one, before the pass's results are used (equalization would rescale
+    weights by NaN); `finish()` runs check_float_outputs on the model when a batch was not seen.
+    check_float_outputs names the module at fault."""
 
     def __init__(self, model: nn.Module, batches: Sequence[Batch]) -> None:
         self.model, self.batches = model, batches
         self.passed: set[int] = set()
 
     def seen(self, index: int, output: Any) -> None:
-        if finite(output):
-            self.passed.add(index)
+        if not finite(output):
+            check_float_outputs(self.model, self.batches)
+            raise CalibrationError(f"the traced float graph produces NaN or Inf on calibration batch {index}, "
+                                   "where the model does not; please report the model")
+        self.passed.add(index)
 
     def finish(self) -> None:
         if len(self.passed) < len(self.batches):
@@ -225,7 +229,7 @@ def channels_last_batches(model: nn.Module, batches: Sequence[Batch]) -> list[Ba
     fxq's own passes over the calibration batches (equalization's ranges, calibration, the simulation
     walk) spend most of their time in convs, which oneDNN runs faster channels-last, and a conv keeps
     its input's layout for the ops after it. A model may `view` an activation in a way only the
-    contiguous layout allows (ShuffleNet's channel shuffle), hence the probe. Observers and fxq's
+    contiguous layout allows (`x.view(n, -1)` of a feature map), hence the probe. Observers and fxq's
     statistics do not depend on the layout, only on the values, which agree up to summation order.
     """
     converted = [tuple(_channels_last(value) for value in batch) for batch in batches]

@@ -35,7 +35,7 @@ from fxq.backend.weight_bits import measured_weight_grid
 from fxq.calibration import (Batch, OutputCheck, channels_last_batches, check_example_outputs, few_samples_note,
                              materialize, output_tensors, run_batches)
 from fxq.config import Mode, QuantOptions, covered_modules, key_covers
-from fxq.errors import FxqError, TraceError
+from fxq.errors import CalibrationError, FxqError, TraceError
 from fxq.frontend.canonicalize import canonicalize_layers
 from fxq.frontend.decompose import decompose_attention, may_decompose
 from fxq.frontend.graph import replace_module, restore_output_type
@@ -172,7 +172,11 @@ def open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf], exampl
     canonical = canonicalize_layers(gm, example_inputs)
     opened = {record.modules[0] for record in canonical if record.applied and record.kind == "specialize_shapes"}
     leaves = [leaf for leaf in leaves if leaf.module not in opened]
-    rewrites += [str(record) for record in canonical]
+    rewrites += [str(record) for record in canonical if record.kind != "views_as_reshapes"]
+    views = [record.nodes[0] for record in canonical if record.kind == "views_as_reshapes" and record.applied]
+    if views:
+        rewrites.append(f"views_as_reshapes: {len(views)} x.view calls run as x.reshape, since int8 convs return "
+                        f"channels-last tensors ({', '.join(views[:3])}{', ...' if len(views) > 3 else ''})")
     return TracedModel(work, gm, leaves, rewrites, find_patterns(gm), expected)
 
 
@@ -209,6 +213,8 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
         with timer.step("equalize"):
             try:
                 equalized = equalize(gm, pass_batches, check.seen)
+            except CalibrationError:
+                raise
             except Exception:  # a batch the model rejects: the check names the module
                 check.finish()
                 raise

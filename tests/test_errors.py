@@ -128,6 +128,32 @@ def test_nan_produced_inside_the_model_names_the_module():
     assert_state_unchanged(model, snapshot)
 
 
+class LogOfPeak(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.log(x.amax())  # NaN when every value is negative
+
+
+class PeakNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = LogOfPeak()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.stem(self.peak(x))))
+
+
+@pytest.mark.parametrize("equalize", [True, False])
+def test_nan_on_one_calibration_batch_names_the_module_and_the_batch(equalize):
+    """The example inputs run fine; the second calibration batch makes NaN inside. The check rides on
+    equalization's pass over the batches (or runs the batches itself without it) and names both."""
+    poisoned = batches(3)
+    poisoned[1] = -poisoned[1].abs() - 0.1
+    with pytest.raises(fxq.CalibrationError, match="peak: produces NaN or Inf on calibration batch 1"):
+        fxq.quantize(make(PeakNet), images(1), calibration_data=poisoned, equalize=equalize)
+
+
 def test_example_inputs_of_wrong_shape_name_the_module(untouched):
     with pytest.raises(fxq.InputError) as caught:
         fxq.quantize(untouched, torch.randn(1, 5, 16, 16), calibration_data=batches())

@@ -81,3 +81,22 @@ def test_auto_ranges_beat_torchs_histogram_search_on_mobilenet(mobilenet):
             choices = fxq.summary_of(quantized).observer_choices
     assert len(choices) >= 50 and len(set(choices.values())) >= 2, choices  # a choice per activation
     assert measured["auto"] > measured["histogram"] + 0.2, measured
+
+
+def test_histogram_sample_visits_every_channel_and_keeps_the_extremes():
+    from fxq.backend import observers
+
+    torch.manual_seed(0)
+    # channels-last, 96 channels (a multiple of 2 and 3): the sample must not skip any channel
+    x = torch.randn(16, 96, 56, 56).contiguous(memory_format=torch.channels_last)
+    x[3, 5, 7, 9], x[0, 95, 0, 0] = 50.0, -40.0
+    sample = observers.histogram_sample(x)
+    assert observers.HISTOGRAM_VALUES // 2 < sample.numel() < 2 * observers.HISTOGRAM_VALUES
+    assert float(sample.max()) == 50.0 and float(sample.min()) == -40.0
+    stride = observers._stride_coprime_to(96, x.numel() // observers.HISTOGRAM_VALUES)
+    assert 96 % stride != 0
+    visited = (torch.arange(0, x.numel(), stride) % 96).unique()
+    assert visited.numel() == 96
+    small = torch.randn(4, 8, 16, 16)
+    kept = observers.histogram_sample(small)  # few values: all of them, not copied
+    assert kept.data_ptr() == small.data_ptr() and kept.numel() == small.numel()

@@ -1067,8 +1067,24 @@ def fold_parameter_properties(gm: fx.GraphModule, context: _Context, only: set[s
     return records
 
 
+def views_as_reshapes(gm: fx.GraphModule, context: _Context, only: set[str] | None) -> list[Canonicalization]:
+    """`x.view(shape)` becomes `x.reshape(shape)`: the same values (a view wherever one is possible), but
+    it also takes a channels-last tensor, which is what the int8 convs hand back, where `view` raises
+    (flattening a feature map with `x.view(n, -1)` in front of a classifier). `x.view(dtype)`, a
+    reinterpretation of the bits, stays."""
+    views = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "view" and len(n.args) > 1
+             and not isinstance(n.args[1], torch.dtype) and not n.kwargs.get("dtype")
+             and (only is None or n.name in only)]
+    for node in views:
+        node.target = "reshape"
+    return [Canonicalization("views_as_reshapes", (node.name,), (), True,
+                             "int8 convs return channels-last tensors, which view cannot flatten")
+            for node in views]
+
+
 _PASSES: tuple[Rewriter, ...] = (specialize_shapes, fold_shape_values, fold_parameter_properties, fold_parameters,
-                                 pads_as_functions, functions_as_modules, fold_padding, split_shared_modules)
+                                 pads_as_functions, functions_as_modules, fold_padding, split_shared_modules,
+                                 views_as_reshapes)
 
 
 __all__ = ["Canonicalization", "canonicalize_layers"]
