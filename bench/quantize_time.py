@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import time
 import warnings
 from pathlib import Path
 
@@ -34,7 +35,6 @@ import fxq
 from bench.models import build, recalibrate_batchnorm
 from bench.protocol import (calibration_batches, evaluation_crops, mobilenet_protocol, native_fx_default,
                             outputs_in_batches, outputs_sqnr_db)
-from bench.suite import timed
 from fxq.report.latency import cpu_name, isa_limits
 from fxq.samples import random_crops
 
@@ -74,6 +74,14 @@ class VggUNet(nn.Module):
             x = F.interpolate(x, size=skips[index].shape[-2:], mode="bilinear", align_corners=False)
             x = self.ups[index](torch.cat([x, skips[index]], dim=1))
         return self.head(x)
+
+
+def timed(run):
+    """(run(), seconds). Not bench.suite's: importing that module sets OMP_WAIT_POLICY=PASSIVE, which made
+    every row here slower (MobileNetV2 defaults 9.8 against 11.7 s)."""
+    start = time.perf_counter()
+    value = run()
+    return value, time.perf_counter() - start
 
 
 def unet(size: int) -> nn.Module:

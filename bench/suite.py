@@ -13,7 +13,8 @@ that fails on a model (torch.compile, native FX or fxq) is recorded in its cells
 traceback tail goes under '## Failures'; the run goes on. The contents of bench/coverage.md, when that file exists,
 are appended under '## Coverage'.
 
-OMP_WAIT_POLICY defaults to PASSIVE (set before torch loads OpenMP): on a machine shared with other jobs,
+OMP_WAIT_POLICY defaults to PASSIVE when the suite runs (`python -m bench.suite`; set before torch loads
+OpenMP, and not for modules that import this one): on a machine shared with other jobs,
 OpenMP threads that busy-wait at every barrier make 2-thread runs 5-10x slower (see
 bench/experiments/bench_sensitivity.py).
 """
@@ -24,7 +25,9 @@ import os
 
 import tempfile
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# only when run as the suite: bench/serving.py imports this module and leaves the runtimes' settings alone
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # torch.compile times are cold-cache times: inductor gets an empty cache directory for the run unless the
 # caller chose one (a warm cache turned this machine's 35-119 s compiles into 2-9 s).
 FRESH_INDUCTOR_CACHE = __name__ == "__main__" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
