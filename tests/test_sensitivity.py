@@ -610,3 +610,20 @@ def test_sensitivity_mirrors_the_graph_quantize_works_on(photo_batches):
                          eval_data=evaluation)
     assert {"stem.0", "branch.0", "branch.2"} <= {layer.name for layer in report.layers}
     assert report.end_to_end_sqnr_db > 25.0
+
+
+def test_a_verification_quantizes_the_kept_float_graph_to_the_same_model(photo_batches):
+    """recommend's verifications quantize a copy of the analyzer's float graph instead of tracing, folding
+    and equalizing again: the result must equal quantizing from scratch with the same float layers."""
+    from fxq.pipeline import quantize_model
+
+    calibration, evaluation = photo_batches
+    batches = [(batch,) for batch in calibration]
+    options = QuantOptions(dynamic_where_faster=False)
+    kept = quantize_model(planted_model(), batches[0], batches, options, keep_float_graph=True).float_graph
+    floats = options.with_float(["mid"])
+    reused = quantize_model(planted_model(), batches[0], batches, floats, float_graph=kept).model
+    fresh = quantize_model(planted_model(), batches[0], batches, floats).model
+    with using_engine(summary_of(fresh).engine), torch.no_grad():
+        assert torch.equal(reused(evaluation[0]), fresh(evaluation[0]))
+    assert [name for name, _ in summary_of(reused).float_layers] == ["mid.0"]
