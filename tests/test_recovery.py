@@ -257,7 +257,7 @@ def test_held_out_shrinkage_keeps_a_real_correction_and_drops_one_the_clamp_cuts
     scale = rounding.weight_qparams(weight)[0]
     grouped, _ = rounding._grouped(layer, weight, scale)
     chunks = rounding._chunks(pair)
-    moments, crosses, _ = rounding._fold_moments(layer, chunks)
+    moments, crosses = rounding._fold_moments(layer, chunks)
     assert len(moments) == 4
     shrinkage = rounding._held_out_shrinkage(pair, chunks, grouped.double(), moments, crosses,
                                              sum(moments), sum(crosses)).flatten()

@@ -4,7 +4,8 @@ The same int8 model (same scales, same int8 weights) is not computed the same wa
 engine's depthwise or saturating kernels can depart from the float simulation of the quantization by
 several dB where another follows it. So with `backend="auto"` the model is converted for each candidate
 engine, run on the first samples of a calibration batch next to the float simulation (torch.ao's
-reference model), and the most faithful engine is kept; the numbers go into the summary (measurements: docs/design/engines.md).
+reference model), and the most faithful engine is kept; the numbers go into the summary (measurements:
+docs/design/engines.md).
 
 onednn comes first since it runs a conv and the residual add that reads it as one kernel
 (backend.conv_add), which x86 cannot: x86 is kept only when onednn departs from the simulation by more

@@ -144,7 +144,10 @@ def _channel_peaks(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     channels-last conv output's NHWC view), the rows are reduced in groups first: torch reduced a
     [200704, 96] matrix over its rows in 11.5 ms, and as [784, 256, 96] over both in 4.0 ms."""
     if isinstance(layer, nn.Linear) or contiguous_view(x) is not x:
-        rows = x.reshape(-1, x.shape[-1]) if isinstance(layer, nn.Linear) else contiguous_view(x).reshape(-1, x.shape[1])
+        if isinstance(layer, nn.Linear):
+            rows = x.reshape(-1, x.shape[-1])
+        else:
+            rows = contiguous_view(x).reshape(-1, x.shape[1])
         group = next(size for size in (256, 64, 16, 1) if rows.shape[0] % size == 0)
         grouped = rows.view(-1, group, rows.shape[1])
         return torch.maximum(grouped.amax(1).amax(0), -grouped.amin(1).amin(0))

@@ -37,14 +37,19 @@ MAX_SAMPLES = 64
 SAMPLED_POSITIONS = 14 * 14
 
 
+def output_size(layer: nn.Conv2d, x: torch.Tensor, step: int = 1) -> list[int]:
+    """A zero-padded Conv2d's output rows and columns for input x, run at `step` times its stride."""
+    return [(x.shape[-2 + i] + 2 * layer.padding[i] - layer.dilation[i] * (layer.kernel_size[i] - 1) - 1)
+            // (layer.stride[i] * step) + 1 for i in range(2)]
+
+
 def sample_step(layer: nn.Module, x: torch.Tensor) -> int:
     """Every how many output rows and columns a layer's statistics are taken: 1 but for Conv2d layers with
     more than SAMPLED_POSITIONS outputs per image (a larger stride gives exactly that subgrid's outputs)."""
     if not isinstance(layer, nn.Conv2d) or isinstance(layer.padding, str) or layer.padding_mode != "zeros":
         return 1
-    size = [(x.shape[-2 + i] + 2 * layer.padding[i] - layer.dilation[i] * (layer.kernel_size[i] - 1) - 1)
-            // layer.stride[i] + 1 for i in range(2)]
-    return max(1, math.isqrt(size[0] * size[1] // SAMPLED_POSITIONS))
+    rows, columns = output_size(layer, x)
+    return max(1, math.isqrt(rows * columns // SAMPLED_POSITIONS))
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from torch import fx, nn
 from fxq.backend.engine import Bound, WeightGrid, weight_qparams
 from fxq.calibration import Batch
 from fxq.recovery.layers import is_depthwise, non_channel_dims, run_with_hooks, weighted_nodes
-from fxq.recovery.layerwise import PairedLayer, sample_step
+from fxq.recovery.layerwise import PairedLayer, output_size, sample_step
 
 DAMPING = 0.01
 PATCH_IMAGES_PER_BATCH = 4
@@ -85,11 +85,8 @@ def _sample_count(layer: nn.Module, x: torch.Tensor, step: int = 1) -> int:
         return x.numel() // x.shape[-1]
     if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), 0):
         return x.shape[0] * -(-x.shape[2] // step) * -(-x.shape[3] // step)
-    positions = 1
-    for size, kernel, stride, padding, dilation in zip(x.shape[2:], layer.kernel_size, layer.stride, layer.padding,
-                                                       layer.dilation):
-        positions *= (size + 2 * padding - dilation * (kernel - 1) - 1) // (stride * step) + 1
-    return min(x.shape[0], PATCH_IMAGES_PER_BATCH) * positions
+    rows, columns = output_size(layer, x, step)
+    return min(x.shape[0], PATCH_IMAGES_PER_BATCH) * rows * columns
 
 
 def _damped(hessian: torch.Tensor) -> torch.Tensor:
@@ -219,20 +216,18 @@ def _chunks(pair: PairedLayer) -> list[Chunk]:
 
 
 def _fold_moments(layer: nn.Module, chunks: list[Chunk], step: int = 1
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per fold (the chunks dealt round-robin into at most FOLDS folds): the quantized inputs' second
-    moment x_q x_q^T, their error's cross moment (x - x_q) x_q^T, and the sample count."""
+    moment x_q x_q^T and their error's cross moment (x - x_q) x_q^T."""
     folds = min(FOLDS, len(chunks))
     moments: list = [0] * folds
     crosses: list = [0] * folds
-    samples = 0
     for index, (simulated_x, float_x, _) in enumerate(chunks):
         quantized = _patches(layer, simulated_x, step)
         error = _patches(layer, float_x, step) - quantized
         moments[index % folds] = moments[index % folds] + (quantized @ quantized.transpose(1, 2)).double()
         crosses[index % folds] = crosses[index % folds] + (error @ quantized.transpose(1, 2)).double()
-        samples += quantized.shape[-1]
-    return moments, crosses, samples
+    return moments, crosses
 
 
 def _correction(weight: torch.Tensor, moment: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
@@ -305,7 +300,7 @@ def refit_on_quantized_inputs(pair: PairedLayer, grid: WeightGrid = WeightGrid()
     if samples < MIN_SAMPLES_PER_COLUMN * _columns(layer):  # checked first: the moments cost seconds
         return None
     chunks = _chunks(pair)
-    moments, crosses, _ = _fold_moments(layer, chunks, pair.step)
+    moments, crosses = _fold_moments(layer, chunks, pair.step)
     weight = layer.weight.detach()
     scale, quant_min, quant_max = weight_qparams(weight, grid.of(pair.name))
     grouped, row_scale = _grouped(layer, weight, scale)

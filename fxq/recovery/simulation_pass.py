@@ -35,8 +35,9 @@ def recover_on_simulation(simulation: fx.GraphModule, float_gm: fx.GraphModule, 
 
     With `round_weights`, every supported layer the refit leaves alone is rounded as
     rounding.optimize_rounding would (the walked layers on the walk's inputs, the others, such as layers
-    called twice, in a pass of their own before the walk), replacing `rounded`'s entry. Returns the int8 weights to install (`rounded` with
-    rounded and refitted layers replaced) and the corrections; the corrected biases are the simulation's.
+    called twice, in a pass of their own before the walk), replacing `rounded`'s entry. Returns the int8
+    weights to install (`rounded` with rounded and refitted layers replaced) and the corrections; the
+    corrected biases are the simulation's.
 
     A `linear_inputs` dict receives the float inputs of the walked nn.Linear layers (per batch of the walk),
     while they hold at most smoothing.KEPT_INPUT_VALUES values in all, so that activation smoothing can
@@ -44,9 +45,8 @@ def recover_on_simulation(simulation: fx.GraphModule, float_gm: fx.GraphModule, 
     """
     weights, corrections = dict(rounded), []
     if round_weights:
-        walked = walked_layers(simulation, float_gm, skip)
-        weights |= optimize_rounding(float_gm, batches, grid, skip,
-                                     only=[name for name, _ in float_gm.named_modules() if name not in walked])
+        unwalked = {name for name, _ in float_gm.named_modules()} - walked_layers(simulation, float_gm, skip)
+        weights |= optimize_rounding(float_gm, batches, grid, skip, only=unwalked)
     set_weights(simulation, {name: r.values for name, r in weights.items()})
     kept_values = 0
     for pair in paired_layers(simulation, float_gm, batches, skip):
