@@ -15,12 +15,14 @@ import torch
 from torch import fx, nn
 
 from fxq import pipeline
+from fxq.backend.dynamic_payoff import fastest_engine_for_dynamic, only_dynamic_int8
 from fxq.backend.serving import serve_scripted
+from fxq.backend.traced_serving import serve_traced
 from fxq.backend.op_kinds import WEIGHT_TYPES
 from fxq.backend.engine import freeze_bn_stats as _freeze_bn_stats
 from fxq.backend.engine import freeze_observers as _freeze_observers
-from fxq.calibration import materialize
-from fxq.config import Mode, QuantOptions
+from fxq.calibration import materialize, output_tensors
+from fxq.config import Backend, Mode, QuantOptions
 from fxq.errors import CalibrationError, ConfigError, InputError
 from fxq.frontend.patterns import FoundPattern
 from fxq.frontend.trace import FloatLeaf
@@ -80,18 +82,35 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
             quantized = quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db, base)
     else:
         quantized = pipeline.quantize_model(model, example_inputs, calibration_data, opts).model
-    return _served(quantized, example_inputs)
+    return _served(quantized, example_inputs, opts, model)
 
 
-def _served(quantized: nn.Module, example_inputs: tuple[Any, ...]) -> nn.Module:
-    """The model as it is handed to the user: a GraphModule runs its TorchScript form (backend.serving),
-    and `torch.backends.quantized.engine` is set to the engine it was built and checked for."""
+def _served(quantized: nn.Module, example_inputs: tuple[Any, ...], options: QuantOptions,
+            float_model: nn.Module | None = None) -> nn.Module:
+    """The model as it is handed to the user. A model whose only int8 layers are dynamic moves to the engine
+    that runs it fastest (backend.dynamic_payoff; `float_model` says what faithful is). A GraphModule runs its
+    TorchScript form (backend.serving), any other model a trace per input signature (backend.traced_serving)
+    if options.serve_traced. `torch.backends.quantized.engine` is set to the engine it was built and checked
+    for."""
     summary = summary_of(quantized)
-    if isinstance(quantized, fx.GraphModule):
+    if (float_model is not None and options.backend is Backend.AUTO and options.dynamic_where_faster
+            and only_dynamic_int8(quantized)):
         start = time.perf_counter()
-        summary.notes.append(serve_scripted(quantized, example_inputs, summary.engine))
-        summary.timings_s["serving"] = round(time.perf_counter() - start, 3)
+        with torch.no_grad():
+            float_outputs = output_tensors(float_model(*example_inputs))
+        fastest, line = fastest_engine_for_dynamic(quantized, example_inputs, summary.engine, float_outputs)
+        if fastest != summary.engine:
+            summary.engine, summary.engine_reason = fastest, line
+        else:
+            summary.notes.append(line)
+        summary.timings_s["dynamic_engine"] = round(time.perf_counter() - start, 3)
     torch.backends.quantized.engine = summary.engine
+    start = time.perf_counter()
+    if isinstance(quantized, fx.GraphModule):
+        summary.notes.append(serve_scripted(quantized, example_inputs, summary.engine))
+    elif options.serve_traced:
+        summary.notes.append(serve_traced(quantized, example_inputs, summary.engine))
+    summary.timings_s["serving"] = round(time.perf_counter() - start, 3)
     return quantized
 
 
@@ -135,7 +154,7 @@ def convert(prepared: nn.Module) -> nn.Module:
         raise InputError("fxq.convert takes the model returned by fxq.prepare_qat (after training); "
                          "for post-training quantization call fxq.quantize")
     run, example_inputs = _QAT_RUNS[prepared]
-    return _served(pipeline.convert_qat(prepared, run), example_inputs)
+    return _served(pipeline.convert_qat(prepared, run), example_inputs, run.options)
 
 
 # --- inspection ----------------------------------------------------------------------------------

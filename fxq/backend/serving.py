@@ -29,7 +29,7 @@ from torch.nn.modules import module as module_globals
 
 from fxq.backend.engine import using_engine
 
-__all__ = ["MAX_SHAPE_COPIES", "ScriptedForward", "serve_scripted", "scripted_forward_of"]
+__all__ = ["MAX_SHAPE_COPIES", "ModuleTreeState", "ScriptedForward", "serve_scripted", "scripted_forward_of"]
 
 # Copies of the TorchScript form kept per distinct input shape (each holds its own packed weights).
 MAX_SHAPE_COPIES = 8
@@ -45,6 +45,41 @@ def _packed_weights(module: nn.Module) -> Any:
 _PACKED = operator.attrgetter("_packed_params")
 
 
+class ModuleTreeState:
+    """What a compiled form (TorchScript, a trace) of a module tree was made from, and whether calls may run it:
+    the tree's submodules, int8 packed weights, hooks and training flags as they were, and nothing tracing
+    or compiling the call. The check runs on every call, so it is flattened into C-level loops (a few us
+    for MobileNetV2's 150 modules)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        modules = list(root.modules())
+        self.modules = modules
+        self.hook_dicts = [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+        self.children_dicts = [m._modules for m in modules if m._modules]
+        self.children = list(chain.from_iterable(map(dict.values, self.children_dicts)))
+        self.packed_owners = [m for m in modules if _packed_weights(m) is not None]
+        self.packed = list(map(_PACKED, self.packed_owners))
+        self.training = [m.training for m in modules]
+
+    def unchanged(self) -> bool:
+        return self.plain_call() and self.same_tree()
+
+    def plain_call(self) -> bool:
+        """No hooks, no tracing or compiling, the training flags as they were: a call the form can stand for."""
+        return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or any(self.hook_dicts)
+                    or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                    or list(map(_TRAINING, self.modules)) != self.training)
+
+    def same_tree(self) -> bool:
+        """The same submodules and packed int8 weights as when the form was made."""
+        return (sum(map(len, self.children_dicts)) == len(self.children)
+                and all(map(operator.is_, chain.from_iterable(map(dict.values, self.children_dicts)), self.children))
+                and all(map(operator.is_, map(_PACKED, self.packed_owners), self.packed)))
+
+
+_TRAINING = operator.attrgetter("training")
+
+
 class ScriptedForward:
     """Callable installed as a GraphModule's `_wrapped_call`: runs the TorchScript copy for the call's input
     shapes when that is the same computation, the GraphModule's own Python forward otherwise."""
@@ -55,13 +90,7 @@ class ScriptedForward:
         self.python_call = python_call
         self.code = graph_module.code
         self.scripted = scripted
-        # what the TorchScript copy was made from, flattened so that the check on each call runs in C loops
-        modules = list(graph_module.modules())
-        self.hook_dicts = [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
-        self.children_dicts = [m._modules for m in modules if m._modules]
-        self.children = self._current_children()
-        self.packed_owners = [m for m in modules if _packed_weights(m) is not None]
-        self.packed = self._current_packed()
+        self.state = ModuleTreeState(graph_module)
         # by input shapes, in the order first seen; the scripted form itself serves the first
         self.copies: dict[tuple, torch.jit.ScriptModule] = {}
         self.lock = threading.Lock()
@@ -77,20 +106,7 @@ class ScriptedForward:
         for arg in args:
             if type(arg) is not torch.Tensor or (arg.requires_grad and torch.is_grad_enabled()):
                 return False
-        if (torch.jit.is_tracing() or torch.compiler.is_compiling()
-                or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-                or graph_module.code != self.code):
-            return False
-        # C-level loops: the check runs on every call (a few us for MobileNetV2's 150 modules)
-        return (not any(self.hook_dicts) and sum(map(len, self.children_dicts)) == len(self.children)
-                and all(map(operator.is_, chain.from_iterable(map(dict.values, self.children_dicts)), self.children))
-                and all(map(operator.is_, map(_PACKED, self.packed_owners), self.packed)))
-
-    def _current_children(self) -> list[nn.Module]:
-        return list(chain.from_iterable(map(dict.values, self.children_dicts)))
-
-    def _current_packed(self) -> list[Any]:
-        return list(map(_PACKED, self.packed_owners))
+        return graph_module.code == self.code and self.state.unchanged()
 
     def _copy_for(self, shape: tuple) -> torch.jit.ScriptModule:
         copy_for_shape = self.copies.get(shape)
