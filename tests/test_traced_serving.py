@@ -44,6 +44,14 @@ class ValueBranch(ShapeLoop):
         return out
 
 
+class GeluLoop(ShapeLoop):
+    """GELU runs in float, so every Linear's input is quantized for it alone: static mode runs them dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(2))
+
+
 def _batches(count: int, length: int = 16, seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     return [{"x": torch.randn(4, length, 16, generator=generator) + 0.5,
@@ -146,3 +154,24 @@ def test_serve_traced_false_keeps_the_python_forward():
     calibration = _batches(2)
     quantized = fxq.quantize(model, calibration[0], mode="dynamic", calibration_data=calibration, serve_traced=False)
     assert traced_forward_of(quantized) is None
+
+
+@pytest.mark.parametrize("global_engine", ["onednn", "x86"])
+def test_a_target_model_keeps_its_weights_packed_for_its_engine(global_engine):
+    """Units swapped back to float for target_sqnr_db are put into a copy of the int8 model, and copying packs
+    int8 weights for the current engine: the copy is made under the model's own, whatever the current one
+    was (a trace of the model then matches its Python forward, and its saved file the measured outputs)."""
+    from fxq.backend.engine import available_engines, using_engine
+
+    if global_engine not in available_engines():
+        pytest.skip(f"no {global_engine} engine on this CPU")
+    torch.manual_seed(0)
+    model = GeluLoop().eval()
+    calibration = _batches(6)
+    with using_engine(global_engine):
+        quantized = fxq.quantize(model, calibration[0], calibration_data=calibration, target_sqnr_db=45)
+    summary = fxq.summary_of(quantized)
+    assert any("mixed precision" in why for _, why in summary.float_layers)
+    with torch.no_grad(), using_engine(summary.engine):
+        repacked = copy.deepcopy(quantized)  # every int8 weight packed afresh for the model's engine
+        assert torch.equal(_python(repacked, **calibration[1])["out"], _python(quantized, **calibration[1])["out"])

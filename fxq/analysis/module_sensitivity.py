@@ -21,6 +21,7 @@ from torch import nn
 
 from fxq.analysis.metrics import sqnr_db
 from fxq.analysis.search import fewest_passing
+from fxq.backend.engine import using_engine
 from fxq.backend.op_kinds import is_quantized_module
 from fxq.calibration import Batch, output_tensors
 from fxq.config import key_covers
@@ -135,11 +136,13 @@ class ModuleSensitivityReport:
     def swapped_back(quantized: nn.Module, float_model: nn.Module, names: Sequence[str],
                      units: Sequence[UnitSensitivity]) -> nn.Module:
         """A copy of `quantized` with the named units replaced by eval-mode copies of `float_model`'s, and a
-        copy of its summary that lists them float (with their solo SQNR from `units`)."""
-        model = copy.deepcopy(quantized)
+        copy of its summary that lists them float (with their solo SQNR from `units`). The copy's int8
+        weights are packed for the model's engine (copying packs them for the current one)."""
+        summary = summary_of(quantized)
+        with using_engine(summary.engine if summary is not None else torch.backends.quantized.engine):
+            model = copy.deepcopy(quantized)
         for name in names:
             replace_module(model, name, copy.deepcopy(float_model.get_submodule(name)).eval())
-        summary = summary_of(quantized)
         if summary is not None:
             summary = copy.deepcopy(summary)
             solo = {unit.name: unit.solo_sqnr_db for unit in units}
