@@ -537,7 +537,7 @@ def convert_qat(trained: nn.Module, run: QatRun) -> nn.Module:
         for name, part_run in run.regions.items():
             part = convert_qat(model.get_submodule(name), part_run)
             regions.keep_plain_attributes(trained.get_submodule(name), part, name)
-            replace_module(model, name, part)
+            replace_module(model, name, part.eval())  # convert_fx builds its int8 modules in training mode
         parts = {name: summary_of(model.get_submodule(name)) for name in run.regions}
         attach(model, regions_summary(run.options, model, run.leaves, parts, {},
                                       f"{type(model).__name__}.forward does not trace; trained and converted "
