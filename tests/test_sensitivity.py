@@ -627,3 +627,29 @@ def test_a_verification_quantizes_the_kept_float_graph_to_the_same_model(photo_b
     with using_engine(summary_of(fresh).engine), torch.no_grad():
         assert torch.equal(reused(evaluation[0]), fresh(evaluation[0]))
     assert [name for name, _ in summary_of(reused).float_layers] == ["mid.0"]
+
+
+class IllConditioned(nn.Module):
+    """Outputs that float rounding alone scrambles (sin of a huge multiple), as a random-weight LeViT's are:
+    folding the BatchNorm changes rounding only, yet moves them far below any fixed SQNR bound."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(1e5 * self.bn(self.conv(x)))
+
+
+def test_rewrites_of_an_ill_conditioned_model_are_checked_against_its_float_noise(photo_batches):
+    torch.manual_seed(0)
+    model = IllConditioned().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    calibration, _ = photo_batches
+    quantized = quantize(model, calibration[0][:2], calibration_data=calibration, equalize=False)
+    summary = summary_of(quantized)
+    assert any("fold_batchnorm" in line for line in summary.rewrites)
+    assert any("checked against the model's own float noise" in line for line in summary.rewrites)

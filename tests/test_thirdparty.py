@@ -202,10 +202,6 @@ KNOWN_FAILURES: dict[str, tuple[type[BaseException], str]] = {
     # 5 of 38 convs float: x86 runs int8 depthwise convs of ReXNet's channel counts ~20x slower than float
     # (cost model: ~366 ms against ~17 ms for features.2.conv_dw at 224), so the island planner keeps them float
     "timm/rexnet_100": (AssertionError, "33/38 conv/linear int8: depthwise convs kept float by the cost model"),
-    # the random-weight LeViT is chaotic (input noise at 120 dB SQNR gives 10 dB at the logits), so BatchNorm
-    # folding's float rounding fails pipeline._check_function's rewrite check; not a wrong rewrite
-    "timm/levit_128": (fxq.TraceError, "TraceError: the float graph after BatchNorm folding gives SQNR 26 dB on "
-                                       "the example (rounding amplified by the random-weight model)"),
 }
 
 
