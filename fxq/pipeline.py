@@ -26,6 +26,7 @@ from fxq import regions
 from fxq.analysis.metrics import ErrorStats
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
+from fxq.backend.depthwise_times import fbgemm_depthwise_times
 from fxq.backend.dynamic_payoff import dynamic_layers, keep_float_where_slower
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.backend.float_outputs import dynamic_output_linears
@@ -444,7 +445,8 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
     if options.float_islands:
         with timer.step("islands"):
             plan = find_float_islands(gm, example_inputs, quantizes_op, choice.engine,
-                                      non_traceable + covered_modules(gm, keep_float))
+                                      non_traceable + covered_modules(gm, keep_float),
+                                      fbgemm_depthwise_times(gm, example_inputs, choice.engine))
             ops_in_float = float_ops(gm, plan, leaves, keep_float)  # before outlining renames the island ops
             island_modules = keep_islands_float(gm, plan)
     else:

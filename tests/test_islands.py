@@ -138,6 +138,28 @@ def test_slow_int8_kernel_is_left_float():
         assert sqnr(model(photos), planned(photos)) > 25  # measured 36.0 dB
 
 
+@pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
+def test_depthwise_convs_x86_sends_to_fbgemm_are_timed_not_looked_up():
+    """A 168-channel 9x9 depthwise conv fits none of the table's slow cases (channels a multiple of 8, no
+    dilation), yet fbgemm runs it on its reference loop: EdgeNeXt's took 3820 us in int8 against 86 us in
+    float. The planner uses the layer's measured times and keeps it float."""
+    from fxq.backend.depthwise_times import fbgemm_depthwise_times
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 168, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(168, 168, 9, padding=4, groups=168), nn.ReLU(),
+                          nn.Conv2d(168, 64, 1)).eval()
+    photos = random_crops(4, seed=6, size=28)
+    gm, _ = trace_model(copy.deepcopy(model))
+    (float_us, int8_us), = fbgemm_depthwise_times(gm, (photos[:1],), "x86").values()
+    assert int8_us > 5 * float_us  # measured 44x on an Intel Xeon
+    assert fbgemm_depthwise_times(gm, (photos[:1],), "onednn") == {}
+    planned = fxq.quantize(model, photos[:1], calibration_data=list(photos.split(2)), backend="x86", **FAST)
+    float_layers = dict(fxq.summary_of(planned).float_layers)
+    assert list(float_layers) == ["2"] and float_layers["2"].startswith("float island: int8 would cost")
+    assert op_kinds.weighted_layers(planned).int8 == ["0", "4"]
+
+
 @pytest.mark.slow  # wall-clock: on the AMD EPYC of 2026-12-03 it failed 3 of 10 runs alone (1.04x float in CI)
 @pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
 def test_slow_int8_kernel_left_float_beats_float():
