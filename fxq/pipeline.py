@@ -108,6 +108,9 @@ class TracedModel:
     patterns: list[FoundPattern] = field(default_factory=list)
     # the float model's output tensors on the example inputs, taken before any rewrite (eval mode only)
     expected_outputs: list[torch.Tensor] = field(default_factory=list)
+    # their SQNR when the float inputs move by float rounding (`float_noise_floor_db`), taken then too: the
+    # rewrites change modules that the graph shares with `work`
+    noise_floor_db: float = float("inf")
 
 
 @dataclass
@@ -154,6 +157,7 @@ def open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf], exampl
         return TracedModel(work, gm, leaves, describe_rewrites(remove_inplace_ops(gm)), find_patterns(gm))
     with torch.no_grad():  # before any rewrite: clearing an inplace flag changes the shared module in `work` too
         expected = output_tensors(work(*example_inputs))
+    noise_floor = float_noise_floor_db(work, example_inputs, expected)  # before rewrites change shared modules
     decomposed = []
     if may_decompose(work):
         def same_outputs() -> bool:
@@ -183,14 +187,15 @@ def open_up(work: nn.Module, gm: fx.GraphModule, leaves: list[FloatLeaf], exampl
     if views:
         rewrites.append(f"views_as_reshapes: {len(views)} x.view calls run as x.reshape, since int8 convs return "
                         f"channels-last tensors ({', '.join(views[:3])}{', ...' if len(views) > 3 else ''})")
-    return TracedModel(work, gm, leaves, rewrites, find_patterns(gm), expected)
+    return TracedModel(work, gm, leaves, rewrites, find_patterns(gm), expected, noise_floor)
 
 
 def _check_function(expected: list[torch.Tensor], traced: TracedModel, example_inputs: Batch, step: str,
                     hint: str, error: type[FxqError] = FxqError) -> str:
     """Raise `error` unless the traced graph reproduces the float model's outputs after `step`: to
     MIN_REWRITE_SQNR_DB, or, for a model whose outputs move more than that when its inputs move by float
-    rounding (`float_noise_floor_db`), to that floor. Returns a line for the summary when the floor was used."""
+    rounding (`TracedModel.noise_floor_db`), to that floor. Returns a line for the summary when the floor was
+    used."""
     with torch.no_grad():
         actual = output_tensors(traced.graph(*example_inputs))
     stats = ErrorStats()
@@ -199,7 +204,7 @@ def _check_function(expected: list[torch.Tensor], traced: TracedModel, example_i
             stats.update(e, a)
         if stats.sqnr_db >= MIN_REWRITE_SQNR_DB:
             return ""
-        floor_db = float_noise_floor_db(traced.work, example_inputs, expected)
+        floor_db = traced.noise_floor_db
         if stats.sqnr_db >= floor_db - NOISE_FLOOR_MARGIN_DB:
             return (f"{step} checked against the model's own float noise: its outputs move by {floor_db:.1f} dB "
                     f"SQNR when its inputs move by float rounding ({INPUT_NUDGE:g} relative), and the rewritten "

@@ -76,6 +76,13 @@ def test_static_keeps_the_embeddings(minilm):
             expected = type(int8_model).forward(int8_model, **batch)
             assert torch.equal(int8_model(**batch).last_hidden_state, expected.last_hidden_state)
     assert not served.refusals and len(served.traces) == 2  # the example inputs' and the keyword calls'
+    with torch.no_grad():  # another output structure (a tuple of hidden states) is another signature
+        for _ in range(2):
+            out = int8_model(**evaluation[0], output_hidden_states=True)
+            expected = type(int8_model).forward(int8_model, **evaluation[0], output_hidden_states=True)
+            assert len(out.hidden_states) == 7
+            assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, expected.hidden_states))
+    assert not served.refusals and len(served.traces) == 3
 
 
 def test_smoothing_keeps_the_float_function(minilm):
