@@ -147,8 +147,8 @@ def test_a_wide_linear_times_faster_in_int8_and_stays_int8():
 
 @pytest.mark.parametrize("fast_engine", ["onednn", "x86"])
 def test_a_model_with_only_dynamic_int8_layers_runs_on_the_engine_timed_fastest(monkeypatch, fast_engine):
-    """The timings are stubbed: each layer takes 100 us on `fast_engine` and 200 us on any other, so the choice
-    is the timings', not this CPU's load."""
+    """The timings are stubbed: each layer call takes 100 us on `fast_engine` and 200 us on any other, so the
+    choice is the timings', not this CPU's load."""
     from fxq.backend import dynamic_payoff
     from fxq.backend.kernel_choice import same_grid_engines
 
@@ -156,10 +156,12 @@ def test_a_model_with_only_dynamic_int8_layers_runs_on_the_engine_timed_fastest(
     if fast_engine not in same_grid_engines(first):
         pytest.skip(f"{fast_engine} does not take {first}'s grids on this CPU")
 
-    def timings(model, example_inputs, names, **_):
-        return {name: 100.0 if torch.backends.quantized.engine == fast_engine else 200.0 for name in names}
+    def call_us(module, args, repeats=5):
+        return 100.0 if torch.backends.quantized.engine == fast_engine else 200.0
 
-    monkeypatch.setattr(dynamic_payoff, "module_times_us", timings)
+    monkeypatch.setattr(dynamic_payoff, "_fastest_call_us", call_us)
+    # the float-or-int8 payoff: equal times, so every layer stays int8
+    monkeypatch.setattr(dynamic_payoff, "module_times_us", lambda model, inputs, names, **_: dict.fromkeys(names, 1.0))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 64)).eval()
     quantized = fxq.quantize(model, torch.randn(1, 32, 1024), mode="dynamic", dynamic_where_faster=True)

@@ -18,6 +18,7 @@ tokens took 593 us on onednn and 1305 us on x86 (fbgemm), where static int8 laye
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any, Iterable
 
 import torch
@@ -79,27 +80,32 @@ def only_dynamic_int8(model: nn.Module) -> bool:
 def fastest_engine_for_dynamic(quantized: nn.Module, example_inputs: tuple[Any, ...], current: str,
                                float_outputs: list[torch.Tensor]) -> tuple[str, str]:
     """For a model whose only int8 layers are dynamic (`only_dynamic_int8`), the engine (of those taking the
-    same grids as `current`, kernel_choice.same_grid_engines) on which those layers time fastest inside
-    whole passes at the example inputs, with the model's dynamic layers repacked for it in place. The layers are timed, not the passes:
-    at batch 1 the model's Python code between them (a transformer's) takes as long as they do and hides
-    the difference, which its traced form (backend.traced_serving) does not. Another engine than `current` must be
-    MARGIN faster and as faithful to `float_outputs` (the float model's on the example inputs) within
-    kernel_choice.TOLERANCE_DB: the engines round the input onto the same grid with their own arithmetic, so
-    outputs differ a little (on MiniLM's padded positions, a lot), error against float does not.
-    Returns the engine and a line for the summary."""
+    same grids as `current`, kernel_choice.same_grid_engines) on which those layers run fastest, with the
+    model's dynamic layers repacked for it in place. Each layer is timed on its own, on the arguments it
+    gets in a pass of the example inputs: at batch 1 the model's Python code between the layers (a
+    transformer's), or forward hooks timing them inside a pass, take as long as the layers and hide the
+    difference, which the model's traced form (backend.traced_serving) does not. Another engine than
+    `current` must be MARGIN faster and as faithful to `float_outputs` (the float model's on the example
+    inputs) within kernel_choice.TOLERANCE_DB: the engines round the input onto the same grid with their
+    own arithmetic, so outputs differ a little (on MiniLM's padded positions, a lot), error against float
+    does not. Returns the engine and a line for the summary."""
     names = [name for name, module in quantized.named_modules() if is_dynamic_quantized_module(module)]
-    copies, fidelity_db, best_s = {}, {}, {}
+    copies, fidelity_db = {}, {}
     for name in same_grid_engines(current):
         with using_engine(name):
             copies[name] = copy.deepcopy(quantized)  # packed afresh for this engine
             with torch.inference_mode():
                 outputs = output_tensors(copies[name](*example_inputs))
         fidelity_db[name] = min(float(sqnr_db(f, o)) for f, o in zip(float_outputs, outputs))
+    inputs = layer_inputs(quantized, example_inputs, names)
+    fastest_us: dict[str, dict[str, float]] = {name: {} for name in copies}  # engine -> layer -> us
     for _ in range(ROUNDS):
         for name, model in copies.items():
             with using_engine(name):
-                layer_us = module_times_us(model, example_inputs, names, warmup=1, repeats=2, fastest=True)
-            best_s[name] = min(sum(layer_us.values()) * 1e-6, best_s.get(name, float("inf")))
+                for layer, args in inputs.items():
+                    us = _fastest_call_us(model.get_submodule(layer), args)
+                    fastest_us[name][layer] = min(us, fastest_us[name].get(layer, us))
+    best_s = {name: sum(times.values()) * 1e-6 for name, times in fastest_us.items()}
     faithful = [name for name in copies if fidelity_db[name] >= fidelity_db[current] - TOLERANCE_DB]
     chosen = min(faithful, key=best_s.__getitem__)
     if best_s[chosen] * MARGIN > best_s[current]:
@@ -110,3 +116,33 @@ def fastest_engine_for_dynamic(quantized: nn.Module, example_inputs: tuple[Any, 
     measured = ", ".join(f"{name} {best_s[name] * 1e3:.1f} ms ({fidelity_db[name]:.1f} dB)" for name in copies)
     return chosen, (f"engine {chosen}: the only int8 layers are dynamic; at the example inputs' shapes they took "
                     f"(output SQNR against float) {measured}")
+
+
+def layer_inputs(model: nn.Module, example_inputs: tuple[Any, ...], names: Iterable[str]) -> dict[str, tuple]:
+    """The positional arguments each named submodule of `model` gets first in a pass of the example inputs."""
+    seen: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, args)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _fastest_call_us(module: nn.Module, args: tuple, repeats: int = 5) -> float:
+    with torch.inference_mode():
+        module(*args)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            module(*args)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e6
