@@ -159,7 +159,7 @@ def test_a_model_with_only_dynamic_int8_layers_runs_on_the_engine_timed_fastest(
     def call_us(module, args, repeats=5):
         return 100.0 if torch.backends.quantized.engine == fast_engine else 200.0
 
-    monkeypatch.setattr(dynamic_payoff, "_fastest_call_us", call_us)
+    monkeypatch.setattr(dynamic_payoff, "fastest_call_us", call_us)
     # the float-or-int8 payoff: equal times, so every layer stays int8
     monkeypatch.setattr(dynamic_payoff, "module_times_us", lambda model, inputs, names, **_: dict.fromkeys(names, 1.0))
     torch.manual_seed(0)

@@ -11,7 +11,6 @@ timed once, in float and in int8 at the shape it runs at, and the planner uses t
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -19,39 +18,20 @@ import torch.ao.nn.quantized as nnq
 from torch import fx, nn
 
 from fxq.backend.engine import using_engine
+from fxq.frontend.rewrite import unwrap
+from fxq.report.latency import fastest_call_us, layer_inputs
 
 __all__ = ["FBGEMM_MIN_GROUPS", "fbgemm_depthwise_times"]
 
 # x86 hands depthwise convs with more groups than this to fbgemm (fewer go to onednn).
 FBGEMM_MIN_GROUPS = 100
-_REPEATS = 5
-
-
-def _conv_of(module: nn.Module) -> nn.Conv2d | None:
-    """The Conv2d a module runs (itself, or the first module of a fused container)."""
-    if isinstance(module, nn.Conv2d):
-        return module
-    if isinstance(module, nn.Sequential) and len(module) and isinstance(module[0], nn.Conv2d):
-        return module[0]
-    return None
 
 
 def _fbgemm_depthwise(module: nn.Module) -> nn.Conv2d | None:
-    conv = _conv_of(module)
-    if conv is None or conv.groups != conv.in_channels or conv.groups <= FBGEMM_MIN_GROUPS:
+    conv = unwrap(module)[0]
+    if not isinstance(conv, nn.Conv2d) or conv.groups != conv.in_channels or conv.groups <= FBGEMM_MIN_GROUPS:
         return None
     return conv if isinstance(conv.padding, tuple) else None  # padding="same" convs go float anyway
-
-
-def _fastest_us(call: Any, argument: torch.Tensor) -> float:
-    with torch.no_grad():
-        call(argument)
-        best = float("inf")
-        for _ in range(_REPEATS):
-            start = time.perf_counter()
-            call(argument)
-            best = min(best, time.perf_counter() - start)
-    return best * 1e6
 
 
 def _times_us(conv: nn.Conv2d, input_shape: torch.Size, engine: str) -> tuple[float, float]:
@@ -59,7 +39,7 @@ def _times_us(conv: nn.Conv2d, input_shape: torch.Size, engine: str) -> tuple[fl
     on them), the float conv channels-last as it runs inside an int8 model."""
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(input_shape, generator=generator).contiguous(memory_format=torch.channels_last)
-    float_us = _fastest_us(conv, inputs)
+    float_us = fastest_call_us(conv, (inputs,))
     with using_engine(engine):
         int8 = nnq.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                           conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
@@ -67,7 +47,7 @@ def _times_us(conv: nn.Conv2d, input_shape: torch.Size, engine: str) -> tuple[fl
         weight = torch.quantize_per_channel(conv.weight.detach(), scales, torch.zeros_like(scales, dtype=torch.long),
                                             0, torch.qint8)
         int8.set_weight_bias(weight, None if conv.bias is None else conv.bias.detach())
-        int8_us = _fastest_us(int8, torch.quantize_per_tensor(inputs, 0.05, 128, torch.quint8))
+        int8_us = fastest_call_us(int8, (torch.quantize_per_tensor(inputs, 0.05, 128, torch.quint8),))
     return float_us, int8_us
 
 
@@ -80,18 +60,5 @@ def fbgemm_depthwise_times(gm: fx.GraphModule, example_inputs: tuple[Any, ...], 
     convs = {name: conv for name, module in gm.named_modules() if (conv := _fbgemm_depthwise(module)) is not None}
     if not convs:
         return {}
-    shapes: dict[str, torch.Size] = {}
-
-    def record(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            shapes.setdefault(name, args[0].shape)
-        return hook
-
-    handles = [gm.get_submodule(name).register_forward_pre_hook(record(name)) for name in convs]
-    try:
-        with torch.no_grad():
-            gm(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: _times_us(conv, shapes[name], engine) for name, conv in convs.items() if name in shapes}
+    inputs = layer_inputs(gm, example_inputs, convs)
+    return {name: _times_us(conv, inputs[name][0].shape, engine) for name, conv in convs.items() if name in inputs}

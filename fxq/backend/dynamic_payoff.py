@@ -18,7 +18,6 @@ tokens took 593 us on onednn and 1305 us on x86 (fbgemm), where static int8 laye
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, Iterable
 
 import torch
@@ -31,7 +30,7 @@ from fxq.backend.op_kinds import (DYNAMIC_TYPES, count_conversions, is_dynamic_q
                                   is_weighted_quantized_module)
 from fxq.calibration import output_tensors
 from fxq.frontend.graph import replace_module
-from fxq.report.latency import module_times_us
+from fxq.report.latency import fastest_call_us, layer_inputs, module_times_us
 
 __all__ = ["ROUNDS", "MARGIN", "dynamic_layers", "keep_float_where_slower", "fastest_engine_for_dynamic"]
 
@@ -103,7 +102,7 @@ def fastest_engine_for_dynamic(quantized: nn.Module, example_inputs: tuple[Any, 
         for name, model in copies.items():
             with using_engine(name):
                 for layer, args in inputs.items():
-                    us = _fastest_call_us(model.get_submodule(layer), args)
+                    us = fastest_call_us(model.get_submodule(layer), args)
                     fastest_us[name][layer] = min(us, fastest_us[name].get(layer, us))
     best_s = {name: sum(times.values()) * 1e-6 for name, times in fastest_us.items()}
     faithful = [name for name in copies if fidelity_db[name] >= fidelity_db[current] - TOLERANCE_DB]
@@ -116,33 +115,3 @@ def fastest_engine_for_dynamic(quantized: nn.Module, example_inputs: tuple[Any, 
     measured = ", ".join(f"{name} {best_s[name] * 1e3:.1f} ms ({fidelity_db[name]:.1f} dB)" for name in copies)
     return chosen, (f"engine {chosen}: the only int8 layers are dynamic; at the example inputs' shapes they took "
                     f"(output SQNR against float) {measured}")
-
-
-def layer_inputs(model: nn.Module, example_inputs: tuple[Any, ...], names: Iterable[str]) -> dict[str, tuple]:
-    """The positional arguments each named submodule of `model` gets first in a pass of the example inputs."""
-    seen: dict[str, tuple] = {}
-
-    def record(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, args)
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
-    try:
-        with torch.inference_mode():
-            model(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
-
-
-def _fastest_call_us(module: nn.Module, args: tuple, repeats: int = 5) -> float:
-    with torch.inference_mode():
-        module(*args)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(*args)
-            best = min(best, time.perf_counter() - start)
-    return best * 1e6

@@ -29,7 +29,7 @@ from torch.nn.modules import module as module_globals
 
 from fxq.backend.engine import using_engine
 
-__all__ = ["MAX_SHAPE_COPIES", "ModuleTreeState", "ScriptedForward", "serve_scripted", "scripted_forward_of"]
+__all__ = ["MAX_SHAPE_COPIES", "ModuleTreeState", "same_values", "ScriptedForward", "serve_scripted", "scripted_forward_of"]
 
 # Copies of the TorchScript form kept per distinct input shape (each holds its own packed weights).
 MAX_SHAPE_COPIES = 8
@@ -72,9 +72,14 @@ class ModuleTreeState:
 
     def same_tree(self) -> bool:
         """The same submodules and packed int8 weights as when the form was made."""
-        return (sum(map(len, self.children_dicts)) == len(self.children)
-                and all(map(operator.is_, chain.from_iterable(map(dict.values, self.children_dicts)), self.children))
+        return (same_values(self.children_dicts, self.children)
                 and all(map(operator.is_, map(_PACKED, self.packed_owners), self.packed)))
+
+
+def same_values(dicts: list[dict], snapshot: list[Any]) -> bool:
+    """Whether `dicts` still hold exactly the objects of `snapshot` (their values, in order, when it was taken)."""
+    return (sum(map(len, dicts)) == len(snapshot)
+            and all(map(operator.is_, chain.from_iterable(map(dict.values, dicts)), snapshot)))
 
 
 _TRAINING = operator.attrgetter("training")

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxq.backend.engine import using_engine
-from fxq.backend.serving import ModuleTreeState
+from fxq.backend.serving import ModuleTreeState, same_values
 
 __all__ = ["MAX_TRACES", "TracedForward", "serve_traced", "traced_forward_of"]
 
@@ -198,8 +198,7 @@ class _TracedState(ModuleTreeState):
         self.versions = list(map(_VERSION, self.present))
 
     def same_model(self) -> bool:
-        return (self.same_tree() and sum(map(len, self.tensor_dicts)) == len(self.tensors)
-                and all(map(operator.is_, chain.from_iterable(map(dict.values, self.tensor_dicts)), self.tensors))
+        return (self.same_tree() and same_values(self.tensor_dicts, self.tensors)
                 and list(map(_VERSION, self.present)) == self.versions)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -125,6 +125,39 @@ def module_times_us(model: nn.Module, example_inputs: tuple[Any, ...], names: Se
             handle.remove()
     return {name: (min(times) if fastest else float(torch.tensor(times).median())) * 1e6
             for name, times in passes.items()}
+
+
+def layer_inputs(model: nn.Module, example_inputs: tuple[Any, ...], names: Iterable[str]) -> dict[str, tuple]:
+    """The positional arguments each named submodule of `model` gets first in a pass of the example inputs
+    (to time the submodules on their own, on real inputs)."""
+    seen: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, args)
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
+    try:
+        with torch.inference_mode():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def fastest_call_us(call: Callable[..., Any], args: tuple, repeats: int = 5) -> float:
+    """The shortest of `repeats` calls of `call(*args)` after one warm-up call, in microseconds (the time it
+    needs when nothing else competes for the cores)."""
+    with torch.inference_mode():
+        call(*args)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call(*args)
+            best = min(best, time.perf_counter() - start)
+    return best * 1e6
 
 
 def cpu_name() -> str:
