@@ -27,6 +27,7 @@ from fxq.errors import CalibrationError, ConfigError, InputError
 from fxq.frontend.patterns import FoundPattern
 from fxq.frontend.trace import FloatLeaf
 from fxq.mixed_precision import quantize_to_metric, quantize_to_target
+from fxq.shared_inputs import fuse_shared_input_linears, without_members
 from fxq.summary import summary_of
 from fxq.validate import as_example_inputs, check_model, positional_batches
 
@@ -81,14 +82,33 @@ def quantize(model: nn.Module, example_inputs: Any, *, calibration_data: Iterabl
         else:
             quantized = quantize_to_target(model, example_inputs, batches, opts.target_sqnr_db, base)
     else:
-        quantized = pipeline.quantize_model(model, example_inputs, calibration_data, opts).model
+        batches = None if calibration_data is None else materialize(calibration_data, example_inputs,
+                                                                      opts.max_calibration_batches)
+        quantized = pipeline.quantize_model(model, example_inputs, batches, opts).model
+        return _served(quantized, example_inputs, opts, model, batches or [example_inputs])
     return _served(quantized, example_inputs, opts, model)
 
 
+def _share_inputs(quantized: nn.Module, example_inputs: tuple[Any, ...], options: QuantOptions,
+                  float_model: nn.Module, batches: list[tuple[Any, ...]]) -> None:
+    """Dynamic int8 Linears that read one tensor run as one kernel where measured to keep their error
+    (fxq.shared_inputs), packed for the engine the model was built for; listed in the summary."""
+    summary = summary_of(quantized)
+    if not options.share_inputs or summary is None or isinstance(quantized, fx.GraphModule):
+        return
+    start = time.perf_counter()
+    joined = fuse_shared_input_linears(quantized, float_model, example_inputs, batches, summary.engine,
+                                       options.per_channel_weights)
+    summary.rewrites = without_members(summary.rewrites, joined.members) + joined.rewrites
+    summary.notes += joined.notes
+    summary.timings_s["shared_inputs"] = round(time.perf_counter() - start, 3)
+
+
 def _served(quantized: nn.Module, example_inputs: tuple[Any, ...], options: QuantOptions,
-            float_model: nn.Module | None = None) -> nn.Module:
+            float_model: nn.Module | None = None, batches: list[tuple[Any, ...]] | None = None) -> nn.Module:
     """The model as it is handed to the user. A model whose only int8 layers are dynamic moves to the engine
-    that runs it fastest (backend.dynamic_payoff; `float_model` says what faithful is). A GraphModule runs its
+    that runs it fastest (backend.dynamic_payoff; `float_model` says what faithful is); then, given the
+    calibration `batches`, Linears reading one tensor are joined (fxq.shared_inputs). A GraphModule runs its
     TorchScript form (backend.serving), any other model a trace per input signature (backend.traced_serving)
     if options.serve_traced. `torch.backends.quantized.engine` is set to the engine it was built and checked
     for."""
@@ -105,6 +125,8 @@ def _served(quantized: nn.Module, example_inputs: tuple[Any, ...], options: Quan
             summary.notes.append(line)
         summary.timings_s["dynamic_engine"] = round(time.perf_counter() - start, 3)
     torch.backends.quantized.engine = summary.engine
+    if float_model is not None and batches:
+        _share_inputs(quantized, example_inputs, options, float_model, batches)
     start = time.perf_counter()
     if isinstance(quantized, fx.GraphModule):
         summary.notes.append(serve_scripted(quantized, example_inputs, summary.engine))

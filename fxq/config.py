@@ -96,6 +96,10 @@ class QuantOptions:
     # (fxq/backend/dynamic_payoff.py); being timed, the choice near break-even may differ between runs.
     # False keeps every one int8.
     dynamic_where_faster: bool = True
+    # Dynamic int8 Linears that read the same tensor (an attention block's query, key and value) run as one
+    # kernel where that keeps their output error, measured on the calibration batches (fxq/shared_inputs.py).
+    # Models whose top-level forward is an FX graph, and accuracy-targeted runs, are left as they are.
+    share_inputs: bool = True
     # Leave ops in float where int8 would cost more time than it saves, quantize/dequantize included
     # (fxq/frontend/islands.py); False runs every op torch.ao can quantize in int8.
     float_islands: bool = True

@@ -19,7 +19,7 @@ LAYERS = [
     ["fxq.errors", "fxq.config", "fxq.validate", "fxq.calibration", "fxq.samples", "fxq.summary",
      "fxq.analysis.metrics", "fxq.report.latency"],
     ["fxq.frontend", "fxq.backend", "fxq.recovery"],
-    ["fxq.summary.assembly", "fxq.regions"],
+    ["fxq.summary.assembly", "fxq.regions", "fxq.shared_inputs"],
     ["fxq.pipeline"],
     ["fxq.analysis"],
     ["fxq.mixed_precision"],

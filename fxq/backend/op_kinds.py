@@ -18,7 +18,11 @@ from torch import fx, nn
 WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # fxq's own dynamic int8 Linear (backend/dynamic_linear.py), by module path: op_kinds sits below it
 DYNAMIC_LINEAR_MODULE = "fxq.backend.dynamic_linear"
-_INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", DYNAMIC_LINEAR_MODULE)
+# and its Linears that read one tensor, run as one kernel (backend/shared_input.py): each member counts as a
+# dynamic int8 layer, their stacked kernel (a SharedInputGroup) as none
+SHARED_INPUT_MODULE = "fxq.backend.shared_input"
+_INT8_MODULE_PREFIXES = ("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized", DYNAMIC_LINEAR_MODULE,
+                         SHARED_INPUT_MODULE)
 RECURRENT_TYPES = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 DYNAMIC_TYPES = (nn.Linear, *RECURRENT_TYPES)
 
@@ -107,7 +111,8 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 def is_dynamic_quantized_module(module: nn.Module) -> bool:
     """True for dynamic int8 modules: float input, quantized on each call's own range, float output."""
-    return type(module).__module__.startswith(("torch.ao.nn.quantized.dynamic", DYNAMIC_LINEAR_MODULE))
+    return type(module).__module__.startswith(("torch.ao.nn.quantized.dynamic", DYNAMIC_LINEAR_MODULE,
+                                               SHARED_INPUT_MODULE))
 
 
 def is_weighted_quantized_module(module: nn.Module) -> bool:
@@ -199,7 +204,7 @@ def weighted_layers(quantized_model: nn.Module) -> WeightedLayers:
 
 def _is_weighted_int8(module: nn.Module) -> bool:
     path = _type_path(module)
-    return path.startswith(_INT8_MODULE_PREFIXES) and not path.endswith("PackedParams") \
+    return path.startswith(_INT8_MODULE_PREFIXES) and not path.endswith(("PackedParams", "SharedInputGroup")) \
         and callable(getattr(module, "weight", None))
 
 
