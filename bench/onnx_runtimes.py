@@ -1,17 +1,20 @@
-"""fxq's int8 MobileNetV2 exported as ONNX QDQ (fxq.export_onnx), against each runtime's own int8 quantizer.
+"""fxq's int8 models exported as ONNX QDQ (fxq.export_onnx), against each runtime's own int8 quantizer.
 
-The accuracy issue's protocol (bench/protocol.py): ImageNet MobileNetV2, 64 calibration crops (seed 1),
-256 evaluation crops (seed 2), logits computed 32 at a time. Rows: fxq's torch int8 model; its export
-in ONNX Runtime (CPU provider) and in OpenVINO (CPU), with conv + residual add written both ways
-(fxq/export/conv_add.py); ONNX Runtime's own `quantize_static` (QDQ, per-channel int8 weights, uint8
-activations, MinMax, after `quant_pre_process`) and OpenVINO's own `nncf.quantize` (default preset, one
-crop per calibration item, bench/compare_flows.py) of the float model exported by torch.onnx.export; and
-each runtime's float model for reference. Per row: logits SQNR against float (and against fxq's torch
-int8 model for the exports), top-1 agreement with float, how many convs run an int8 kernel in the
-runtime's optimized graph, batch-1 and batch-32 latency medians after warm-up (the runners of one runtime
-timed in turns, one runtime after the other).
+The accuracy issue's protocol (bench/protocol.py): ImageNet MobileNetV2 and ResNet-50 (torchvision, seeded
+random weights, BatchNorm statistics re-estimated on photo crops: bench/models.py), 64 calibration crops
+(seed 1), 256 evaluation crops (seed 2), logits computed 32 at a time. Rows per model: fxq's torch int8
+model (defaults); its export in ONNX Runtime (CPU provider) and in OpenVINO (CPU), with onednn's conv +
+residual add written both ways (fxq/export/conv_add.py); ONNX Runtime's own `quantize_static` (QDQ,
+per-channel int8 weights, uint8 activations, MinMax, after `quant_pre_process`) and OpenVINO's own
+`nncf.quantize` (default preset, one crop per calibration item, bench/compare_flows.py) of the float model
+exported by torch.onnx.export; and each runtime's float model for reference. Per row: logits SQNR against
+float (and for the exports, the difference from the torch int8 model they were exported from), top-1
+agreement with float, how many convs run an int8 kernel in the runtime's optimized graph, batch-1 and
+batch-32 latency medians after warm-up (the runners of one runtime timed in turns, one runtime after the
+other).
 
-    OMP_WAIT_POLICY=PASSIVE python -m bench.onnx_runtimes [--threads 2] [--eval 256] [--markdown]
+    OMP_WAIT_POLICY=PASSIVE python -m bench.onnx_runtimes [--models mobilenet_v2 resnet50] [--threads 2]
+                                                          [--eval 256] [--markdown]
     (--markdown writes bench/onnx_runtimes.md; PASSIVE as in scripts/test.sh: on a shared machine torch's
     spinning OpenMP threads slow every runtime in the process)
 
@@ -39,13 +42,14 @@ import torch
 from tabulate import tabulate
 
 import fxq
-from bench.protocol import CALIBRATION_SEED, DATA_BATCH, EVAL_SEED, mobilenet_protocol, sqnr_db, top1_agreement
+from bench.protocol import CALIBRATION_SEED, DATA_BATCH, EVAL_SEED, model_and_crops, sqnr_db, top1_agreement
 from fxq.backend.engine import using_engine
 from fxq.export import export_onnx
 from fxq.report.latency import cpu_name, isa_limits
 
 MARKDOWN = Path(__file__).resolve().with_name("onnx_runtimes.md")
 EVAL_BATCH = 32  # logits are computed 32 at a time (the protocol's reference); the dynamic head depends on it
+MODELS = ("mobilenet_v2", "resnet50")
 ORT_INT8_CONVS = ("QLinearConv", "ConvInteger")
 ORT_FLOAT_CONVS = ("Conv", "FusedConv", "NchwcConv")
 
@@ -211,95 +215,112 @@ def _runtime(row: str) -> str:
     return next(runtime for runtime in ("ONNX Runtime", "OpenVINO", "PyTorch") if runtime in row)
 
 
+def model_rows(name: str, args: argparse.Namespace, directory: Path) -> tuple[list[list[str]], str]:
+    """The table's rows for one model, and its data line."""
+    has_openvino = importlib.util.find_spec("openvino") is not None
+    has_nncf = importlib.util.find_spec("nncf") is not None
+    model, calibration, evaluation, reference, weights = model_and_crops(name, 64, args.eval)
+    example = evaluation[:1]
+    directory = directory / name
+    directory.mkdir()
+    start = time.perf_counter()
+    int8_model = fxq.quantize(model, (example,), calibration_data=calibration)
+    print(f"{name}: fxq.quantize: {time.perf_counter() - start:.0f} s", flush=True)
+    engine = fxq.summary_of(int8_model).engine
+    start = time.perf_counter()
+    exports = {"fused": export_onnx(int8_model, directory / "fxq_fused.onnx", example),
+               "requantize": export_onnx(int8_model, directory / "fxq_requantize.onnx", example,
+                                         conv_add="requantize", calibration_data=calibration)}
+    print(f"{name}: both exports: {time.perf_counter() - start:.0f} s", flush=True)
+    torch_row = f"fxq int8, PyTorch ({engine})"
+    float_path = export_float_onnx(model, example, directory / "float.onnx")
+    ort_static = ort_quantize_static(float_path, calibration, directory)
+
+    # row name -> (runner, int8 convs in the runtime's graph, the torch row it exports, if it is an export)
+    convs = sum(isinstance(module, torch.nn.Conv2d) for module in model.modules())
+    int8_convs = sum("Conv" in type(module).__name__ and type(module).__module__.startswith("torch.ao.nn")
+                     for module in int8_model.modules())
+    rows: dict[str, tuple[Runner, str, str | None]] = {
+        "PyTorch float (eager)": (torch_runner(model), f"0/{convs}", None),
+        torch_row: (torch_runner(int8_model, engine), f"{int8_convs}/{convs}", None),
+        "ONNX Runtime float": (ort_runner(ort_session(float_path, args.threads)), f"0/{convs}", None),
+        "ONNX Runtime quantize_static (QDQ, per-channel, MinMax)":
+            (ort_runner(ort_session(ort_static, args.threads)), ort_int8_convs(ort_optimized_ops(ort_static)), None),
+    }
+    for form, path in exports.items():
+        rows[f"fxq export, conv_add='{form}', in ONNX Runtime"] = (
+            ort_runner(ort_session(path, args.threads)), ort_int8_convs(ort_optimized_ops(path)), torch_row)
+    missing = []
+    if has_openvino:
+        compiled_float = ov_compile(float_path, args.threads)
+        rows["OpenVINO float"] = (ov_runner(compiled_float), ov_int8_convs(compiled_float), None)
+        if has_nncf:
+            compiled = ov_compile(ov_nncf_quantize(float_path, calibration), args.threads)
+            rows["OpenVINO nncf.quantize (default preset)"] = (ov_runner(compiled), ov_int8_convs(compiled), None)
+        else:
+            missing.append("OpenVINO nncf.quantize (nncf not installed)")
+        for form, path in exports.items():
+            compiled = ov_compile(path, args.threads)
+            rows[f"fxq export, conv_add='{form}', in OpenVINO"] = (ov_runner(compiled), ov_int8_convs(compiled), torch_row)
+    else:
+        missing.append("OpenVINO rows (openvino not installed)")
+
+    runners = {row: (_runtime(row), runner) for row, (runner, _, _) in rows.items()}
+    # batch 1 first: torch's onednn int8 kernels are rebuilt when the input shape changes (bench/accuracy.py)
+    batch1 = latencies_by_runtime(runners, evaluation[:1].numpy().copy(), args.rounds, per_round=3)
+    outputs = {row: logits(run, evaluation) for row, (_, run) in runners.items()}
+    batch32 = latencies_by_runtime(runners, evaluation[:32].numpy().copy(), max(2, args.rounds // 2), per_round=1)
+    table = []
+    for row, (_, int8_convs, exported) in rows.items():
+        table.append([f"{name}: {row}", f"{sqnr_db(reference, outputs[row]):.2f}",
+                      f"{sqnr_db(reference, outputs[row]) - sqnr_db(reference, outputs[exported]):+.2f}"
+                      if exported else "", f"{100 * top1_agreement(reference, outputs[row]):.1f}%", int8_convs,
+                      f"{batch1[row]:.2f}", f"{batch32[row]:.1f}"])
+    table += [[f"{name}: {row}", "-", "", "-", "-", "-", "-"] for row in missing]
+    return table, f"{name} ({weights})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=10, help="timing rounds (3 calls per runner each)")
     parser.add_argument("--markdown", action="store_true", help=f"also write {MARKDOWN.name}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    has_openvino = importlib.util.find_spec("openvino") is not None
-    has_nncf = importlib.util.find_spec("nncf") is not None
-
-    model, calibration, evaluation, reference = mobilenet_protocol(eval_crops=args.eval)
-    example = evaluation[:1]
     directory = Path(tempfile.mkdtemp(prefix="fxq-onnx-runtimes-"))
-    start = time.perf_counter()
-    int8_model = fxq.quantize(model, (example,), calibration_data=calibration)
-    print(f"fxq.quantize: {time.perf_counter() - start:.0f} s", flush=True)
-    engine = fxq.summary_of(int8_model).engine
-    exports = {"fused": export_onnx(int8_model, directory / "fxq_fused.onnx", example),
-               "requantize": export_onnx(int8_model, directory / "fxq_requantize.onnx", example,
-                                         conv_add="requantize", calibration_data=calibration)}
-    float_path = export_float_onnx(model, example, directory / "float.onnx")
-    ort_static = ort_quantize_static(float_path, calibration, directory)
-
-    # row name -> (runner, int8 convs in the runtime's graph, whether it is an fxq export)
-    convs = sum(isinstance(module, torch.nn.Conv2d) for module in model.modules())
-    int8_convs = sum("Conv" in type(module).__name__ and type(module).__module__.startswith("torch.ao.nn")
-                     for module in int8_model.modules())
-    rows: dict[str, tuple[Runner, str, bool]] = {
-        "PyTorch float (eager)": (torch_runner(model), f"0/{convs}", False),
-        f"fxq int8, PyTorch ({engine})": (torch_runner(int8_model, engine), f"{int8_convs}/{convs}", False),
-        "ONNX Runtime float": (ort_runner(ort_session(float_path, args.threads)), f"0/{convs}", False),
-        "ONNX Runtime quantize_static (QDQ, per-channel, MinMax)":
-            (ort_runner(ort_session(ort_static, args.threads)), ort_int8_convs(ort_optimized_ops(ort_static)), False),
-    }
-    for form, path in exports.items():
-        rows[f"fxq export, conv_add='{form}', in ONNX Runtime"] = (
-            ort_runner(ort_session(path, args.threads)), ort_int8_convs(ort_optimized_ops(path)), True)
-    missing = []
-    if has_openvino:
-        compiled_float = ov_compile(float_path, args.threads)
-        rows["OpenVINO float"] = (ov_runner(compiled_float), ov_int8_convs(compiled_float), False)
-        if has_nncf:
-            compiled = ov_compile(ov_nncf_quantize(float_path, calibration), args.threads)
-            rows["OpenVINO nncf.quantize (default preset)"] = (ov_runner(compiled), ov_int8_convs(compiled), False)
-        else:
-            missing.append("OpenVINO nncf.quantize (nncf not installed)")
-        for form, path in exports.items():
-            compiled = ov_compile(path, args.threads)
-            rows[f"fxq export, conv_add='{form}', in OpenVINO"] = (ov_runner(compiled), ov_int8_convs(compiled), True)
-    else:
-        missing.append("OpenVINO rows (openvino not installed)")
-
-    runners = {name: (_runtime(name), runner) for name, (runner, _, _) in rows.items()}
-    # batch 1 first: torch's onednn int8 kernels are rebuilt when the input shape changes (bench/accuracy.py)
-    batch1 = latencies_by_runtime(runners, evaluation[:1].numpy().copy(), args.rounds, per_round=3)
-    outputs = {name: logits(run, evaluation) for name, (_, run) in runners.items()}
-    batch32 = latencies_by_runtime(runners, evaluation[:32].numpy().copy(), max(2, args.rounds // 2), per_round=1)
-    fxq_logits = outputs[f"fxq int8, PyTorch ({engine})"]
-    table = []
-    for name, (_, int8_convs, is_export) in rows.items():
-        table.append([name, f"{sqnr_db(reference, outputs[name]):.2f}",
-                      f"{sqnr_db(fxq_logits, outputs[name]):.2f}" if is_export else "",
-                      f"{100 * top1_agreement(reference, outputs[name]):.1f}%", int8_convs,
-                      f"{batch1[name]:.2f}", f"{batch32[name]:.1f}"])
-    table += [[name, "-", "", "-", "-", "-", "-"] for name in missing]
-    headers = ["model, runtime", "logits SQNR dB vs float", "vs fxq torch int8", "top-1 agreement",
+    table, described = [], []
+    for name in args.models:
+        rows, description = model_rows(name, args, directory)
+        table += rows
+        described.append(description)
+    headers = ["model: flow, runtime", "logits SQNR dB vs float", "vs its torch model (dB)", "top-1 agreement",
                "int8 convs", "batch 1 ms", "batch 32 ms"]
     import onnxruntime
 
     versions = f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
-    if has_openvino:
+    if importlib.util.find_spec("openvino") is not None:
         import openvino
 
         versions += f", openvino {openvino.__version__.split('-')[0]}"
-    if has_nncf:
+    if importlib.util.find_spec("nncf") is not None:
         import nncf
 
         versions += f", nncf {nncf.__version__}"
-    header = (f"MobileNetV2 (ImageNet weights), {args.eval} eval crops (seed {EVAL_SEED}), 64 calibration crops "
+    header = (f"{'; '.join(described)}; {args.eval} eval crops (seed {EVAL_SEED}), 64 calibration crops "
               f"(seed {CALIBRATION_SEED}, batches of {DATA_BATCH}), logits {EVAL_BATCH} at a time; CPU: {cpu_name()}"
               f"{isa_limits()}, {args.threads} threads{_wait_policy()}; {versions}; {datetime.date.today()}")
     print("\n" + header)
     print(tabulate(table, headers=headers, tablefmt="simple"))
     if args.markdown:
-        command = f"{'OMP_WAIT_POLICY=PASSIVE ' if _wait_policy() else ''}python -m bench.onnx_runtimes --markdown"
+        command = (f"{'OMP_WAIT_POLICY=PASSIVE ' if _wait_policy() else ''}python -m bench.onnx_runtimes "
+                   f"--models {' '.join(args.models)} --markdown")
         MARKDOWN.write_text(f"# fxq's ONNX export against each runtime's own int8 quantizer\n\n{header}.\n"
                             f"`{command}`; latencies are medians after warm-up, the runners of one runtime timed "
-                            "in turns, one runtime after the other. Design notes: docs/design/onnx-export.md.\n\n"
+                            "in turns, one runtime after the other. \"vs its torch model\" is the export's SQNR "
+                            "against float minus that of the fxq torch model it was exported from. Design notes: "
+                            "docs/design/onnx-export.md.\n\n"
                             + tabulate(table, headers=headers, tablefmt="github") + "\n")
 
 

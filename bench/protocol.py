@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from bench.models import build
 from fxq.analysis.metrics import ErrorStats, sqnr_db
 from fxq.backend.engine import using_engine
 from fxq.calibration import output_tensors
@@ -89,3 +90,15 @@ def outputs_sqnr_db(output_pairs: Iterable[tuple[Any, Any]]) -> float:
         for reference_tensor, test_tensor in zip(output_tensors(reference), output_tensors(test), strict=True):
             stats.update(reference_tensor, test_tensor)
     return stats.sqnr_db
+
+
+def model_and_crops(name: str, calibration_count: int, eval_count: int
+                    ) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor, str]:
+    """(float model, calibration batches, evaluation crops, float logits 32 at a time, weights label)."""
+    if name == "mobilenet_v2":
+        model, _, evaluation, reference = mobilenet_protocol(eval_crops=eval_count)
+        return model, calibration_batches(calibration_count), evaluation, reference, "ImageNet weights"
+    model = build(name, size=224)
+    evaluation = evaluation_crops(eval_count)
+    return (model, calibration_batches(calibration_count), evaluation, outputs_in_batches(model, evaluation, 32),
+            "random weights, BatchNorm statistics from crops")

@@ -50,12 +50,10 @@ from tabulate import tabulate
 from torch import nn
 
 import fxq
-from bench.models import build
 from bench.onnx_runtimes import (EVAL_BATCH, Runner, export_float_onnx, latencies_by_runtime, latencies_ms, logits,
                                  ort_quantize_static,
                                  ort_runner, ort_session, ov_compile, ov_nncf_quantize, ov_runner, torch_runner)
-from bench.protocol import (CALIBRATION_SEED, EVAL_SEED, calibration_batches, evaluation_crops, mobilenet_protocol,
-                            outputs_in_batches, sqnr_db, top1_agreement)
+from bench.protocol import (CALIBRATION_SEED, EVAL_SEED, model_and_crops, sqnr_db, top1_agreement)
 from bench.suite import Failure, attempt, compile_first_call, timed
 from fxq.report.latency import cpu_name, isa_limits
 
@@ -82,18 +80,6 @@ class Row:
     latency_ms: dict[str, float] = field(default_factory=dict)  # "batch 1", "batch 32", "batch 1 after 32"
     sqnr_db: float | None = None
     top1: float | None = None
-
-
-def model_and_crops(name: str, calibration_count: int, eval_count: int
-                    ) -> tuple[nn.Module, list[torch.Tensor], torch.Tensor, torch.Tensor, str]:
-    """(float model, calibration batches, evaluation crops, float logits 32 at a time, weights label)."""
-    if name == "mobilenet_v2":
-        model, _, evaluation, reference = mobilenet_protocol(eval_crops=eval_count)
-        return model, calibration_batches(calibration_count), evaluation, reference, "ImageNet weights"
-    model = build(name, size=224)
-    evaluation = evaluation_crops(eval_count)
-    return (model, calibration_batches(calibration_count), evaluation, outputs_in_batches(model, evaluation, EVAL_BATCH),
-            "random weights, BatchNorm statistics from crops")
 
 
 def fxq_rows(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], directory: Path,

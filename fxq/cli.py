@@ -151,7 +151,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     saved = fxq.save(quantized, args.out)
     print(f"fxq: saved int8 model to {saved}", file=sys.stderr)
     if args.onnx:
-        print(f"fxq: wrote ONNX QDQ model to {fxq.export_onnx(quantized, args.onnx, example_inputs)}", file=sys.stderr)
+        requantize = {"conv_add": "requantize", "calibration_data": calibration} if args.onnx_conv_add == "requantize" \
+            else {}
+        path = fxq.export_onnx(quantized, args.onnx, example_inputs, **requantize)
+        print(f"fxq: wrote ONNX QDQ model to {path}", file=sys.stderr)
     evaluation = load_data(args.data, args.calibration_size, args.input_shape, EVAL_SEED)
     print(_render(compare_models(model, quantized, example_inputs, eval_data=evaluation,
                                     threads=args.threads), args.format))
@@ -243,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", required=True, metavar="FILE", help="where to save the int8 model (fxq.save)")
     quantize.add_argument("--onnx", metavar="FILE", help="also write the int8 model as ONNX QDQ (fxq.export_onnx; "
                                                           "extra [onnx])")
+    quantize.add_argument("--onnx-conv-add", choices=("fused", "requantize"), default="fused",
+                          help="how --onnx writes onednn's fused conv + residual add: 'fused' (exact; OpenVINO runs "
+                               "it in int8) or 'requantize' (every conv int8 in ONNX Runtime; grids chosen on the "
+                               "calibration data)")
     quantize.set_defaults(run=run_quantize)
 
     report = commands.add_parser("report", help="compare a saved int8 model with its float model")

@@ -39,3 +39,22 @@ def two_heads() -> nn.Module:
 
 def not_a_model() -> str:
     return "not a module"
+
+
+class Residual(nn.Module):
+    """A conv read only by a residual add: onednn runs the two as one kernel (fxq/backend/conv_add.py)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 1))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + self.branch(x))
+
+
+def residual() -> nn.Module:
+    torch.manual_seed(0)
+    return Residual().eval()

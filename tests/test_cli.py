@@ -61,6 +61,20 @@ def test_quantize_also_writes_onnx(tmp_path, capsys):
     assert any(node.op_type == "QuantizeLinear" for node in model.graph.node)
 
 
+def test_onnx_conv_add_requantize_rounds_the_fused_conv_outputs(tmp_path, capsys):
+    """With --onnx-conv-add requantize the conv that onednn fuses with its residual add gets its own
+    QuantizeLinear before the add (ONNX Runtime then runs it as QLinearConv); by default it has none."""
+    onnx = pytest.importorskip("onnx")
+    residual = ["tests.cli_models:residual", *TINY[1:]]
+    counts = {}
+    for form in ("fused", "requantize"):
+        path = tmp_path / f"{form}.onnx"
+        assert main(["quantize", *residual, "--out", str(tmp_path / f"{form}.pt"), "--onnx", str(path),
+                     "--onnx-conv-add", form]) == 0
+        counts[form] = sum(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node)
+    assert counts["requantize"] == counts["fused"] + 1
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["quantize", "tests.cli_models:not_a_model", "--out", "x.pt"], "not a torch.nn.Module"),
     (["quantize", "tests.no_such_module:tiny", "--out", "x.pt"], "no_such_module"),

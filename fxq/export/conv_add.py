@@ -8,12 +8,10 @@ those convs in float (FusedConv), with layout transposes around them. With `conv
 the conv's output is rounded to 8 bits first, on a grid chosen here from calibration data, and ONNX
 Runtime runs QLinearConv + QLinearAdd everywhere: this is the extra rounding fxq's fusion avoids.
 
-Measured on ImageNet MobileNetV2 (10 such convs; Intel Xeon with AVX-512 VNNI, 2 threads, ONNX Runtime
-1.32, OpenVINO 2026.4; `python -m bench.onnx_runtimes`, docs/design/onnx-export.md): logits SQNR against
-float, torch int8 model 21.01 dB; "fused" 21.05 dB in ONNX Runtime and 20.98 dB in OpenVINO, "requantize"
-20.29 dB in ONNX Runtime. "fused" runs 1.6-2.0x slower than ONNX Runtime's own quantize_static model there,
-"requantize" 0.99-1.09x; in OpenVINO both forms run every conv in u8, "fused" faster than OpenVINO's own
-int8 model.
+On ImageNet MobileNetV2 (10 such convs) "requantize" costs 0.57 dB of logits SQNR against float in ONNX
+Runtime, "fused" nothing; "fused" runs 1.1-1.8x slower than ONNX Runtime's own quantize_static model
+there, "requantize" as fast. In OpenVINO both forms run every conv in u8. Figures and machine:
+docs/design/onnx-export.md, bench/onnx_runtimes.md.
 """
 
 from __future__ import annotations
