@@ -22,9 +22,10 @@ from fxq.analysis.metrics import sqnr_db
 from fxq.backend.dynamic_linear import DynamicLinear
 from fxq.backend.engine import using_engine
 from fxq.backend.shared_input import SharedInputGroup, install_group
-from fxq.calibration import output_tensors, run_batches
+from fxq.calibration import output_tensors
 from fxq.frontend.graph import replace_module
 from fxq.recovery.smoothing import choose_smoothing
+from fxq.regions import capture_calls
 
 # a group's int8 output error (sum of squares against the float layers) may be this much above the
 # separate layers' (about 0.4 dB on those outputs); one kernel instead of three is worth that
@@ -49,25 +50,12 @@ def shared_input_groups(model: nn.Module, example_inputs: tuple[Any, ...]) -> li
     """Groups of fxq DynamicLinears of `model` (paths, in call order) with one input size and grid whose
     every call, in a pass of `example_inputs`, reads the same tensor object as the others' calls."""
     linears = {name: m for name, m in model.named_modules() if type(m) is DynamicLinear}
-    calls: dict[str, list[torch.Tensor | None]] = defaultdict(list)
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[name].append(args[0] if len(args) == 1 and not kwargs else None)
-        return hook
-
-    handles = [m.register_forward_pre_hook(record(name), with_kwargs=True) for name, m in linears.items()]
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = capture_calls(model, list(linears), [example_inputs])
     by_inputs: dict[tuple, list[str]] = defaultdict(list)
-    for name, inputs in calls.items():  # the recorded tensors stay alive here, so their ids are unique
-        if inputs and all(x is not None for x in inputs):
+    for name, (made,) in calls.items():  # the recorded tensors stay alive here, so their ids are unique
+        if made and all(args is not None and len(args) == 1 for args in made):
             layer = linears[name]
-            by_inputs[(tuple(id(x) for x in inputs), layer.in_features, layer.reduce_range)].append(name)
+            by_inputs[(tuple(id(args[0]) for args in made), layer.in_features, layer.reduce_range)].append(name)
     return [names for names in by_inputs.values() if len(names) > 1]
 
 
@@ -94,18 +82,6 @@ def _stacked(linears: list[nn.Linear]) -> nn.Linear:
     return stacked
 
 
-def _member_inputs(model: nn.Module, first_members: list[str], batches: Sequence[tuple]) -> dict[str, list[torch.Tensor]]:
-    inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: inputs[name].append(args[0].detach())) for name in first_members]
-    try:
-        run_batches(model, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs
-
-
 def fuse_shared_input_linears(quantized: nn.Module, float_model: nn.Module, example_inputs: tuple[Any, ...],
                               batches: Sequence[tuple], engine: str, per_channel: bool) -> Joined:
     """Run each measured-good group of `quantized`'s dynamic Linears as one kernel, in place (packed for
@@ -118,7 +94,8 @@ def fuse_shared_input_linears(quantized: nn.Module, float_model: nn.Module, exam
     groups = [group for group in groups if all(floats[name] is not None for name in group)]
     if not groups:
         return Joined()
-    inputs = _member_inputs(quantized, [group[0] for group in groups], batches)
+    calls = capture_calls(quantized, [group[0] for group in groups], list(batches))
+    inputs = {name: [args[0].detach() for run in runs for args in run] for name, runs in calls.items()}
     checked = [tuple(example_inputs)] + list(batches[:CHECK_BATCHES])
     with torch.no_grad():
         float_outputs = [output_tensors(float_model(*batch)) for batch in checked]

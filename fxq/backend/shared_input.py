@@ -66,9 +66,6 @@ class SharedInputGroup(DynamicLinear):
             del self._pending[thread]
         return pending.outputs[index]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x)
-
     def _get_name(self) -> str:
         return "FxqSharedInputGroup"
 
