@@ -21,6 +21,7 @@ from torch import nn
 import fxq
 from fxq import samples
 from fxq.errors import FxqError
+from fxq.export.conv_add import CONV_ADD_FORMS
 from fxq.report.report import report as compare_models
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--out", required=True, metavar="FILE", help="where to save the int8 model (fxq.save)")
     quantize.add_argument("--onnx", metavar="FILE", help="also write the int8 model as ONNX QDQ (fxq.export_onnx; "
                                                           "extra [onnx])")
-    quantize.add_argument("--onnx-conv-add", choices=("fused", "requantize"), default="fused",
+    quantize.add_argument("--onnx-conv-add", choices=CONV_ADD_FORMS, default="fused",
                           help="how --onnx writes onednn's fused conv + residual add: 'fused' (exact; OpenVINO runs "
                                "it in int8) or 'requantize' (every conv int8 in ONNX Runtime; grids chosen on the "
                                "calibration data)")
