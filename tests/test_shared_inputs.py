@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 from torch import nn
@@ -99,6 +100,25 @@ def test_a_member_called_on_another_tensor_computes_its_own_output():
         h.mul_(2)  # changed in place after the group ran on it: computed again
         assert torch.equal(joined.key(h), group(h)[..., 64:128])
     assert not group._pending or all(len(p.taken) < 3 for p in group._pending.values())
+
+
+def test_inference_tensors_are_shared_and_checked_by_their_values():
+    """Under torch.inference_mode the layers' inputs count no versions: the group output is handed out while
+    the input holds the same values, and computed again once it changed in place."""
+    joined = _quantize(_model())
+    group = joined.query.group
+    x = torch.randn(2, 32, 64)
+    with torch.no_grad():
+        expected = joined(x)
+    with torch.inference_mode():
+        assert torch.equal(joined(x.clone()), expected)
+        h = torch.randn(2, 8, 64)
+        rows = group(h)
+        assert torch.equal(joined.query(h), rows[..., :64])
+        pending = group._pending[threading.get_ident()]
+        assert torch.equal(joined.key(h), rows[..., 64:128]) and 1 in pending.taken
+        h.mul_(2)
+        assert torch.equal(joined.value(h), group(h)[..., 128:])
 
 
 def test_copies_traces_and_saved_files_keep_the_outputs(tmp_path):

@@ -9,7 +9,7 @@ range) in one call.
 The model keeps its module tree and its own Python code: each member Linear becomes a SharedInputLinear
 that returns its columns of the group's output (a view: code that needs a contiguous output copies it). The group computes on the first member's call and hands
 the other members their columns when they are called on the same tensor (the same object, unchanged since:
-same version counter) in the same thread. A member called on anything else computes the group again, so
+same version counter, or for an inference tensor the same values) in the same thread. A member called on anything else computes the group again, so
 an output is never stale. A trace of the model (backend.traced_serving, fxq.save) records the one kernel.
 """
 
@@ -31,9 +31,24 @@ class _Pending:
     """One thread's last group output, and which members have taken their columns of it."""
 
     source: torch.Tensor
-    version: int
+    version: int | None  # the source's version counter; None for an inference tensor, which has none
+    snapshot: torch.Tensor | None  # a copy of an inference tensor's values, to see it unchanged
     outputs: tuple[torch.Tensor, ...]
     taken: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, source: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> "_Pending":
+        if source.is_inference():
+            return cls(source, None, source.clone(), outputs)
+        return cls(source, source._version, None, outputs)
+
+    def computed_on(self, x: torch.Tensor) -> bool:
+        """Whether these outputs are the group's on `x` as it is now: the same tensor, unchanged since (for an
+        inference tensor, which counts no versions, the same values: one pass over the input, against the
+        members' GEMMs over it)."""
+        if self.source is not x:
+            return False
+        return self.version == x._version if self.snapshot is None else torch.equal(self.snapshot, x)
 
 
 class SharedInputGroup(DynamicLinear):
@@ -58,9 +73,9 @@ class SharedInputGroup(DynamicLinear):
         `x` as it is now and the member has not taken it yet, else from a new one."""
         thread = threading.get_ident()
         pending = self._pending.get(thread)
-        if pending is None or pending.source is not x or pending.version != x._version or index in pending.taken:
+        if pending is None or index in pending.taken or not pending.computed_on(x):
             outputs = super().forward(x).split(self.sizes, dim=-1)  # views: a copy each costs ~10 us
-            pending = self._pending[thread] = _Pending(x, x._version, outputs)
+            pending = self._pending[thread] = _Pending.of(x, outputs)
         pending.taken.add(index)
         if len(pending.taken) == len(self.sizes):
             del self._pending[thread]
