@@ -4,8 +4,9 @@ The accuracy issue's protocol (bench/protocol.py): ImageNet MobileNetV2 and ResN
 random weights, BatchNorm statistics re-estimated on photo crops: bench/models.py), 64 calibration crops
 (seed 1), 256 evaluation crops (seed 2), logits computed 32 at a time. Rows per model: fxq's torch int8
 model (defaults); its export in ONNX Runtime (CPU provider) and in OpenVINO (CPU), with onednn's conv +
-residual add written both ways (fxq/export/conv_add.py); ONNX Runtime's own `quantize_static` (QDQ,
-per-channel int8 weights, uint8 activations, MinMax, after `quant_pre_process`) and OpenVINO's own
+residual add written each way (fxq/export/conv_add.py; "auto", which measures its choice in ONNX Runtime,
+only there); ONNX Runtime's own `quantize_static` (QDQ, per-channel int8 weights, uint8 activations,
+MinMax, after `quant_pre_process`) and OpenVINO's own
 `nncf.quantize` (default preset, one crop per calibration item, bench/compare_flows.py) of the float model
 exported by torch.onnx.export; and each runtime's float model for reference. Per row: logits SQNR against
 float (and for the exports, the difference from the torch int8 model they were exported from), top-1
@@ -231,7 +232,14 @@ def model_rows(name: str, args: argparse.Namespace, directory: Path) -> tuple[li
     exports = {"fused": export_onnx(int8_model, directory / "fxq_fused.onnx", example),
                "requantize": export_onnx(int8_model, directory / "fxq_requantize.onnx", example,
                                          conv_add="requantize", calibration_data=calibration)}
-    print(f"{name}: both exports: {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"{name}: exports 'fused' and 'requantize': {time.perf_counter() - start:.0f} s", flush=True)
+    start = time.perf_counter()
+    auto = export_onnx(int8_model, directory / "fxq_auto.onnx", example, conv_add="auto",
+                       calibration_data=calibration)
+    import onnx
+
+    chosen = {prop.key: prop.value for prop in onnx.load(auto).metadata_props}["fxq.conv_add"]
+    print(f"{name}: export 'auto' ({chosen}): {time.perf_counter() - start:.0f} s", flush=True)
     torch_row = f"fxq int8, PyTorch ({engine})"
     float_path = export_float_onnx(model, example, directory / "float.onnx")
     ort_static = ort_quantize_static(float_path, calibration, directory)
@@ -247,7 +255,7 @@ def model_rows(name: str, args: argparse.Namespace, directory: Path) -> tuple[li
         "ONNX Runtime quantize_static (QDQ, per-channel, MinMax)":
             (ort_runner(ort_session(ort_static, args.threads)), ort_int8_convs(ort_optimized_ops(ort_static)), None),
     }
-    for form, path in exports.items():
+    for form, path in (exports | {"auto": auto}).items():
         rows[f"fxq export, conv_add='{form}', in ONNX Runtime"] = (
             ort_runner(ort_session(path, args.threads)), ort_int8_convs(ort_optimized_ops(path)), torch_row)
     missing = []

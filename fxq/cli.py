@@ -152,9 +152,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     saved = fxq.save(quantized, args.out)
     print(f"fxq: saved int8 model to {saved}", file=sys.stderr)
     if args.onnx:
-        requantize = {"conv_add": "requantize", "calibration_data": calibration} if args.onnx_conv_add == "requantize" \
-            else {}
-        path = fxq.export_onnx(quantized, args.onnx, example_inputs, **requantize)
+        conv_add = {"conv_add": args.onnx_conv_add}
+        if args.onnx_conv_add != "fused":
+            conv_add["calibration_data"] = calibration
+        path = fxq.export_onnx(quantized, args.onnx, example_inputs, **conv_add)
         print(f"fxq: wrote ONNX QDQ model to {path}", file=sys.stderr)
     evaluation = load_data(args.data, args.calibration_size, args.input_shape, EVAL_SEED)
     print(_render(compare_models(model, quantized, example_inputs, eval_data=evaluation,
@@ -249,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "extra [onnx])")
     quantize.add_argument("--onnx-conv-add", choices=CONV_ADD_FORMS, default="fused",
                           help="how --onnx writes onednn's fused conv + residual add: 'fused' (exact; OpenVINO runs "
-                               "it in int8) or 'requantize' (every conv int8 in ONNX Runtime; grids chosen on the "
-                               "calibration data)")
+                               "it in int8), 'requantize' (every conv int8 in ONNX Runtime; grids chosen on the "
+                               "calibration data) or 'auto' ('requantize', the last units kept fused where ONNX "
+                               "Runtime's outputs show it pays)")
     quantize.set_defaults(run=run_quantize)
 
     report = commands.add_parser("report", help="compare a saved int8 model with its float model")

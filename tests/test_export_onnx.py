@@ -171,6 +171,32 @@ def test_onnx_runtime_runs_the_layers_in_int8(residual_int8, tmp_path):
     assert ops["QLinearConv"] == convs and ops["QLinearAdd"] == 1 + fused and not ops["FusedConv"] + ops["Conv"]
 
 
+def _kept_fused(path) -> list[str]:
+    """The conv + add units an export with conv_add='auto' kept fused, from its metadata."""
+    written = {prop.key: prop.value for prop in onnx.load(path).metadata_props}["fxq.conv_add"]
+    return written.split("; kept fused: ")[1].split(", ") if "; kept fused: " in written else []
+
+
+def test_auto_keeps_the_last_unit_fused_only_where_onnx_runtime_shows_it_pays(residual_int8, tmp_path):
+    """conv_add='auto' requantizes, and keeps the last unit fused where ONNX Runtime's outputs on the
+    calibration batches come AUTO_MIN_GAIN_DB closer to the torch model's for it."""
+    from fxq.export.conv_add import AUTO_MIN_GAIN_DB
+
+    crops = random_crops(32, seed=1, size=32)
+    batches = list(crops.split(16))
+    auto = export_onnx(residual_int8, tmp_path / "auto.onnx", crops[:1], conv_add="auto", calibration_data=batches)
+    requantized = export_onnx(residual_int8, tmp_path / "requantize.onnx", crops[:1], conv_add="requantize",
+                              calibration_data=batches)
+    fused = export_onnx(residual_int8, tmp_path / "fused.onnx", crops[:1])
+    expected = _torch_outputs(residual_int8, crops)
+    gain = sqnr(expected, _onnx_outputs(fused, crops)) - sqnr(expected, _onnx_outputs(requantized, crops))
+    kept = _kept_fused(auto)
+    assert kept == (_conv_add_modules(residual_int8)[-1:] if gain >= AUTO_MIN_GAIN_DB else [])
+    ops = ort_optimized_ops(auto)
+    assert ops["FusedConv"] + ops["Conv"] == len(kept)
+    assert ops["QLinearConv"] == len(_int8_conv_modules(residual_int8)) - len(kept)
+
+
 def test_the_dynamic_head_can_be_written_as_a_float_matmul(residual_int8, tmp_path):
     crops = random_crops(16, seed=2, size=32)
     path = export_onnx(residual_int8, tmp_path / "float_head.onnx", crops[:1], dynamic_linear="float")
@@ -184,7 +210,7 @@ def test_options_are_checked(residual_int8, tmp_path):
         export_onnx(residual_int8, tmp_path / "m.onnx", crops[:1], conv_add="fast")
     with pytest.raises(fxq.InputError, match="pass calibration_data"):
         export_onnx(residual_int8, tmp_path / "m.onnx", crops[:1], conv_add="requantize")
-    with pytest.raises(fxq.InputError, match="only with conv_add='requantize'"):
+    with pytest.raises(fxq.InputError, match="only with conv_add='requantize' or 'auto'"):
         export_onnx(residual_int8, tmp_path / "m.onnx", crops[:1], calibration_data=[crops])
 
 
@@ -228,10 +254,10 @@ def mobilenet_int8(mobilenet, calibration_crops) -> nn.Module:
                         optimize_rounding=False, bias_correction=False)
 
 
-@pytest.mark.parametrize("conv_add", ["fused", "requantize"])
+@pytest.mark.parametrize("conv_add", ["fused", "requantize", "auto"])
 def test_mobilenet_v2_runs_int8_in_onnx_runtime(mobilenet, mobilenet_int8, calibration_crops, eval_crops, conv_add,
                                                 tmp_path):
-    calibration = {"calibration_data": list(calibration_crops.split(16))} if conv_add == "requantize" else {}
+    calibration = {"calibration_data": list(calibration_crops.split(16))} if conv_add != "fused" else {}
     path = export_onnx(mobilenet_int8, tmp_path / "mobilenet_v2.onnx", eval_crops[:1], conv_add=conv_add,
                        **calibration)
     exported, int8 = _onnx_outputs(path, eval_crops), _torch_outputs(mobilenet_int8, eval_crops)
@@ -243,8 +269,13 @@ def test_mobilenet_v2_runs_int8_in_onnx_runtime(mobilenet, mobilenet_int8, calib
     ops = ort_optimized_ops(path)
     fused = len(_conv_add_modules(mobilenet_int8))
     assert fused == 10
-    assert ops["QLinearConv"] == (52 - fused if conv_add == "fused" else 52)
-    assert ops["QLinearAdd"] == (0 if conv_add == "fused" else fused)
+    if conv_add == "fused":
+        float_convs = fused
+    else:  # 'auto' keeps at most the last two units fused
+        float_convs = len(_kept_fused(path))
+        assert float_convs <= (2 if conv_add == "auto" else 0)
+    assert ops["QLinearConv"] == 52 - float_convs
+    assert ops["QLinearAdd"] == fused - float_convs
 
 
 def test_mobilenet_v2_runs_int8_in_openvino(mobilenet, mobilenet_int8, eval_crops, tmp_path):

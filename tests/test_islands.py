@@ -158,6 +158,15 @@ def test_depthwise_convs_x86_sends_to_fbgemm_are_timed_not_looked_up():
     float_layers = dict(fxq.summary_of(planned).float_layers)
     assert list(float_layers) == ["2"] and float_layers["2"].startswith("float island: int8 would cost")
     assert op_kinds.weighted_layers(planned).int8 == ["0", "4"]
+    # with backend='auto' the model stays on onednn, which runs the conv in int8 (no conv feeds an add here,
+    # which would otherwise send it to x86)
+    auto = fxq.quantize(model, photos[:1], calibration_data=list(photos.split(2)), **FAST)
+    summary = fxq.summary_of(auto)
+    assert summary.engine == "onednn", summary.engine_reason
+    assert "x86 would run 1 depthwise conv(s) (2) on fbgemm" in summary.engine_reason, summary.engine_reason
+    assert op_kinds.weighted_layers(auto).int8 == ["0", "2", "4"]
+    with torch.no_grad():
+        assert sqnr(model(photos), auto(photos)) > 25
 
 
 @pytest.mark.slow  # wall-clock: on the AMD EPYC of 2026-12-03 it failed 3 of 10 runs alone (1.04x float in CI)

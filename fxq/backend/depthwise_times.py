@@ -21,7 +21,7 @@ from fxq.backend.engine import using_engine
 from fxq.frontend.rewrite import unwrap
 from fxq.report.latency import fastest_call_us, layer_inputs
 
-__all__ = ["FBGEMM_MIN_GROUPS", "fbgemm_depthwise_times"]
+__all__ = ["FBGEMM_MIN_GROUPS", "fbgemm_depthwise_convs", "fbgemm_depthwise_times"]
 
 # x86 hands depthwise convs with more groups than this to fbgemm (fewer go to onednn).
 FBGEMM_MIN_GROUPS = 100
@@ -49,6 +49,16 @@ def _times_us(conv: nn.Conv2d, input_shape: torch.Size, engine: str) -> tuple[fl
         int8.set_weight_bias(weight, None if conv.bias is None else conv.bias.detach())
         int8_us = fastest_call_us(int8, (torch.quantize_per_tensor(inputs, 0.05, 128, torch.quint8),))
     return float_us, int8_us
+
+
+def fbgemm_depthwise_convs(gm: fx.GraphModule) -> list[str]:
+    """The depthwise convs of `gm` that the x86 engine would run on fbgemm (a fused conv + ReLU named once)."""
+    names: dict[int, str] = {}
+    for name, module in gm.named_modules():
+        conv = _fbgemm_depthwise(module)
+        if conv is not None:
+            names.setdefault(id(conv), name)
+    return list(names.values())
 
 
 def fbgemm_depthwise_times(gm: fx.GraphModule, example_inputs: tuple[Any, ...], engine: str

@@ -56,18 +56,27 @@ def same_grid_engines(current: str) -> list[str]:
                         and engine.probe_kernel_saturation(name) == saturates]
 
 
-def engine_for_graph(choice: engine.EngineChoice, options: QuantOptions, has_conv_adds: bool) -> engine.EngineChoice:
+def engine_for_graph(choice: engine.EngineChoice, options: QuantOptions, has_conv_adds: bool,
+                     fbgemm_depthwise: Sequence[str] = ()) -> engine.EngineChoice:
     """x86 in place of onednn for a model in which no conv feeds a residual add.
 
     onednn comes first for its conv+add kernel (see the module docstring); without such a pair it has
     nothing to fuse, and x86 (PyTorch's default, fbgemm for linear layers) ran the same int8 models as
     fast or faster at the same SQNR (docs/design/engines.md). Kept when the two engines would need
-    different weight grids.
+    different weight grids, and when x86 would run depthwise convs on fbgemm (`fbgemm_depthwise`), whose
+    depthwise kernels cover some shapes only: the others run 20-50x slower than float and become float
+    islands (timm's convnext_nano on x86: 6 of its 47 layers float, on onednn none, at the same latency).
     """
     if (options.backend is not Backend.AUTO or choice.engine != "onednn" or has_conv_adds
             or "x86" not in candidate_engines(options, choice)
             or engine.probe_kernel_saturation("x86") != choice.kernel_saturates):
         return choice
+    if fbgemm_depthwise:
+        return dataclasses.replace(choice, reason=(
+            f"{choice.reason}; onednn although no conv feeds a residual add: x86 would run "
+            f"{len(fbgemm_depthwise)} depthwise conv(s) ({', '.join(fbgemm_depthwise[:3])}"
+            f"{', ...' if len(fbgemm_depthwise) > 3 else ''}) on fbgemm, whose depthwise kernels cover some "
+            "shapes only"))
     return dataclasses.replace(choice, engine="x86", reason=(
         f"{choice.reason}; x86 in place of onednn: no conv feeds a residual add, so onednn's conv+add "
         "kernel has nothing to fuse, and x86 runs int8 linear layers faster"))

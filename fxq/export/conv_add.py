@@ -7,6 +7,10 @@ post-op, as onednn does, and matches fxq's torch model; ONNX Runtime has no int8
 those convs in float (FusedConv), with layout transposes around them. With `conv_add="requantize"`,
 the conv's output is rounded to 8 bits first, on a grid chosen here from calibration data, and ONNX
 Runtime runs QLinearConv + QLinearAdd everywhere: this is the extra rounding fxq's fusion avoids.
+`conv_add="auto"` requantizes too, but keeps the last units before the output fused (at most
+AUTO_MAX_FUSED_UNITS) where ONNX Runtime, run on the calibration batches, shows that each brings the
+model's outputs closer to fxq's torch model by at least AUTO_MIN_GAIN_DB (choose_fused_tail): little
+after those units averages their rounding noise away.
 
 On ImageNet MobileNetV2 (10 such convs) "requantize" costs 0.57 dB of logits SQNR against float in ONNX
 Runtime, "fused" nothing; "fused" runs 1.1-1.8x slower than ONNX Runtime's own quantize_static model
@@ -16,17 +20,27 @@ docs/design/onnx-export.md, bench/onnx_runtimes.md.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxq.analysis.metrics import ErrorStats
 from fxq.backend.observers import AutoRangeObserver
-from fxq.errors import InputError
+from fxq.calibration import output_tensors
+from fxq.errors import InputError, MissingExtraError
 from fxq.export.graph import ExportError
 
-CONV_ADD_FORMS = ("fused", "requantize")
+CONV_ADD_FORMS = ("fused", "requantize", "auto")
+# "auto" keeps at most this many units fused, the last ones before the output, each only where ONNX Runtime's
+# outputs on the calibration batches come at least AUTO_MIN_GAIN_DB closer to the torch model's for it.
+# A unit kept fused runs a float conv in ONNX Runtime. On ImageNet MobileNetV2 each of the last two units
+# gained 0.36 and 0.34 dB at no measurable cost (960 -> 160 channels at 7x7); on ResNet-50 (random weights)
+# the last one gained 0.20 dB and cost 9% at batch 32 (512 -> 2048): the bar lies between the two.
+AUTO_MAX_FUSED_UNITS = 2
+AUTO_MIN_GAIN_DB = 0.25
 CONV_ADD_CLASSES = ("torch.ao.nn.intrinsic.quantized.modules.conv_add.ConvAdd2d",
                     "torch.ao.nn.intrinsic.quantized.modules.conv_add.ConvAddReLU2d")
 
@@ -69,3 +83,44 @@ def conv_output_grids(gm: fx.GraphModule, names: list[str], calibration_batches:
         scale, zero_point = observer.calculate_qparams()
         grids[name] = (float(scale), int(zero_point))
     return grids
+
+
+def units_in_graph_order(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    wanted = set(names)
+    return [str(node.target) for node in gm.graph.nodes if node.op == "call_module" and node.target in wanted]
+
+
+def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], write: Callable[[dict], Any],
+                      batches: list[tuple], expected: list[Any], input_names: list[str]
+                      ) -> tuple[dict[str, tuple[float, int]], list[str], dict[int, float]]:
+    """The requantized grids of `conv_add="auto"`: `grids` without the last k of `units` (in graph order),
+    k <= AUTO_MAX_FUSED_UNITS chosen by ONNX Runtime's outputs on `batches` against `expected` (the torch
+    int8 model's outputs on them). A unit more is kept fused only for AUTO_MIN_GAIN_DB more.
+
+    `write(grids)` builds the ONNX model; `input_names[i]` is the ONNX input fed by a batch's i-th tensor
+    (None: not an input). Returns (grids, the units kept fused, {k: SQNR dB against the torch model}).
+    """
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingExtraError("onnx", "conv_add='auto' (it runs ONNX Runtime)") from None
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    sqnr_by_kept: dict[int, float] = {}
+    best, best_sqnr = 0, -math.inf
+    for kept in range(min(AUTO_MAX_FUSED_UNITS, len(units)) + 1):
+        candidate = {name: grid for name, grid in grids.items() if name not in units[len(units) - kept:]}
+        session = onnxruntime.InferenceSession(write(candidate).SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        stats = ErrorStats()
+        for batch, reference in zip(batches, expected):
+            feeds = {name: value.numpy() for name, value in zip(input_names, batch) if name is not None}
+            outputs = session.run(None, feeds)
+            for reference_tensor, output in zip(output_tensors(reference), outputs, strict=True):
+                stats.update(reference_tensor, torch.from_numpy(output))
+        sqnr_by_kept[kept] = round(stats.sqnr_db, 2)
+        if stats.sqnr_db >= best_sqnr + (AUTO_MIN_GAIN_DB * (kept - best) if kept else 0.0):
+            best, best_sqnr = kept, stats.sqnr_db
+    kept_fused = units[len(units) - best:]
+    return {name: grid for name, grid in grids.items() if name not in kept_fused}, kept_fused, sqnr_by_kept

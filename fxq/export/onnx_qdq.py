@@ -25,7 +25,8 @@ from torch.utils import _pytree as pytree  # private, but what fx itself uses to
 
 from fxq.calibration import materialize
 from fxq.errors import InputError, MissingExtraError
-from fxq.export.conv_add import CONV_ADD_CLASSES, CONV_ADD_FORMS, conv_output_grids
+from fxq.export.conv_add import (CONV_ADD_CLASSES, CONV_ADD_FORMS, choose_fused_tail, conv_output_grids,
+                                 units_in_graph_order)
 from fxq.export.float_ops import FLOAT_FUNCTIONS, Function, class_path, float_twin, splice_traced
 from fxq.export.graph import ExportError, OnnxGraph, Quantized, Unquantized, Value
 from fxq.export.int8_layers import DYNAMIC_LINEAR_FORMS, INT8_FUNCTIONS, INT8_MODULES
@@ -45,10 +46,12 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
 
     `example_inputs` (as for fxq.quantize) fixes the input shapes; dimension 0 is written as a dynamic batch.
     `conv_add`: how onednn's fused conv + residual add is written, "fused" (exact: OpenVINO runs it as one
-    int8 conv, ONNX Runtime runs the conv in float) or "requantize" (the conv's output rounded to 8 bits on
-    a grid chosen on `calibration_data`, so that ONNX Runtime runs every conv in int8; see
-    fxq/export/conv_add.py). `dynamic_linear`: how a dynamic int8 Linear (fxq's classifier head) is
-    written, "integer" (DynamicQuantizeLinear + MatMulInteger) or "float" (a MatMul with the same
+    int8 conv, ONNX Runtime runs the conv in float), "requantize" (the conv's output rounded to 8 bits on
+    a grid chosen on `calibration_data`, so that ONNX Runtime runs every conv in int8) or "auto" (for ONNX
+    Runtime: "requantize", with the last units kept fused where ONNX Runtime's outputs on `calibration_data`
+    show it pays; the model's "fxq.conv_add" metadata names them); see fxq/export/conv_add.py.
+    `dynamic_linear`: how a dynamic int8 Linear (fxq's classifier head) is written, "integer"
+    (DynamicQuantizeLinear + MatMulInteger) or "float" (a MatMul with the same
     int8-rounded weights). Raises ExportError naming the module or node that cannot be written faithfully.
     """
     try:
@@ -59,9 +62,9 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
                                  ("dynamic_linear", dynamic_linear, DYNAMIC_LINEAR_FORMS)):
         if value not in valid:
             raise InputError(f"{option}={value!r} is not valid; choose one of {', '.join(map(repr, valid))}")
-    if calibration_data is not None and conv_add != "requantize":
-        raise InputError("calibration_data is read only with conv_add='requantize' (it chooses the grids of the "
-                         "requantized conv outputs); leave it out with conv_add='fused'")
+    if calibration_data is not None and conv_add == "fused":
+        raise InputError("calibration_data is read only with conv_add='requantize' or 'auto' (it chooses the grids "
+                         "of the requantized conv outputs); leave it out with conv_add='fused'")
     if not isinstance(int8_model, fx.GraphModule):
         raise ExportError(f"export_onnx needs the fx.GraphModule fxq.quantize returns for a model whose forward "
                           f"traces, got {type(int8_model).__name__}: models quantized as regions or by swapping "
@@ -70,15 +73,34 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
     example_inputs = as_example_inputs(example_inputs, int8_model)
     conv_grids: dict[str, tuple[float, int]] = {}
     fused = [name for name, module in int8_model.named_modules() if class_path(module) in CONV_ADD_CLASSES]
-    if conv_add == "requantize" and fused:
+    kept_fused: list[str] = []
+    if conv_add != "fused" and fused:
         batches = None if calibration_data is None else materialize(calibration_data, example_inputs)
         with _on_its_engine(int8_model):
             conv_grids = conv_output_grids(int8_model, fused, batches, lambda batch: int8_model(*batch))
-    model = _QdqWriter(int8_model, example_inputs, dynamic_linear, conv_grids).write()
+        if conv_add == "auto":
+            conv_grids, kept_fused = _choose_fused_tail(int8_model, example_inputs, dynamic_linear, fused,
+                                                        conv_grids, batches)
+    model = _QdqWriter(int8_model, example_inputs, dynamic_linear, conv_grids, kept_fused).write()
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
     onnx.save(model, path)
     return path
+
+
+def _choose_fused_tail(gm: fx.GraphModule, example_inputs: tuple, dynamic_linear: str, fused: list[str],
+                       grids: dict[str, tuple[float, int]], batches: list[tuple]
+                       ) -> tuple[dict[str, tuple[float, int]], list[str]]:
+    """conv_add='auto': which of the last conv + add units stay fused (export.conv_add.choose_fused_tail)."""
+    with _on_its_engine(gm), torch.no_grad():
+        expected = [gm(*batch) for batch in batches]
+    input_names = [node.name if isinstance(value, torch.Tensor) else None
+                   for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)]
+    grids, kept_fused, _ = choose_fused_tail(
+        units_in_graph_order(gm, fused), grids,
+        lambda candidate: _QdqWriter(gm, example_inputs, dynamic_linear, candidate).write(),
+        batches, expected, input_names)
+    return grids, kept_fused
 
 
 class _Recorder(fx.Interpreter):
@@ -132,9 +154,9 @@ def _is_value(value: Any) -> bool:
 
 class _QdqWriter:
     def __init__(self, gm: fx.GraphModule, example_inputs: tuple, dynamic_linear: str,
-                 conv_grids: dict[str, tuple[float, int]]) -> None:
+                 conv_grids: dict[str, tuple[float, int]], kept_fused: list[str] | None = None) -> None:
         self.gm, self.example_inputs = gm, example_inputs
-        self.dynamic_linear, self.conv_grids = dynamic_linear, conv_grids
+        self.dynamic_linear, self.conv_grids, self.kept_fused = dynamic_linear, conv_grids, kept_fused or []
         self.graph = OnnxGraph()
         self.values: dict[fx.Node, Value] = {}
         # nodes that compute Python numbers (a tensor's shape, arithmetic on it): kept as constants where a
@@ -284,7 +306,8 @@ class _QdqWriter:
         helper.set_model_props(model, {
             "fxq.engine": summary.engine if summary is not None else torch.backends.quantized.engine,
             "fxq.dynamic_linear": self.dynamic_linear,
-            "fxq.conv_add": "requantize" if self.conv_grids else "fused"})
+            "fxq.conv_add": ("requantize" if self.conv_grids or self.kept_fused else "fused")
+            + (f"; kept fused: {', '.join(self.kept_fused)}" if self.kept_fused else "")})
         return model
 
     def _value_info(self, name: str, example: torch.Tensor) -> Any:
