@@ -1,5 +1,5 @@
-"""Third-party coverage bench of issue 27: timm, efficientnet_pytorch and Hugging Face transformers models
-through fxq, against PyTorch's own default flow.
+"""Third-party coverage bench of issue 27: timm, efficientnet_pytorch, ultralytics (YOLOv8n) and Hugging Face
+transformers models through fxq, against PyTorch's own default flow.
 
 Image models: random weights (`pretrained=False`), zero-initialized weights re-drawn, BatchNorm statistics
 re-estimated on photographic crops (bench/models.py's recipe), at the model's native input size. Per model,
@@ -66,7 +66,7 @@ GOAL_INT8_FRACTION, GOAL_LATENCY_RATIO = 0.9, 0.7
 class ThirdPartyModel:
     """One model of the list: the package that builds it, what it is called there, its sizes and mode."""
 
-    family: str  # "timm", "efficientnet_pytorch" or "transformers"
+    family: str  # "timm", "efficientnet_pytorch", "ultralytics" or "transformers"
     arch: str  # the package's name for it
     bench_size: int = 224  # the model's native input size (timm's pretrained_cfg)
     test_size: int = 96  # smallest size tests/test_thirdparty.py runs it at
@@ -125,9 +125,11 @@ EFFICIENTNET_PYTORCH = [
     ThirdPartyModel("efficientnet_pytorch", "efficientnet-b0", test_size=64, kwargs=dict(image_size=None),
                     label="dynamic SAME"),
 ]
+# built from their yaml files (random weights); the compared outputs are the raw head tensors
+ULTRALYTICS = [ThirdPartyModel("ultralytics", "yolov8n", 320), ThirdPartyModel("ultralytics", "yolov8n-seg", 320)]
 TRANSFORMERS = [ThirdPartyModel("transformers", arch, mode=mode)
                 for arch in ("BertModel", "DistilBertModel", "ViTModel") for mode in ("static", "dynamic", "qat")]
-MODELS = {spec.name: spec for spec in TIMM + EFFICIENTNET_PYTORCH + TRANSFORMERS}
+MODELS = {spec.name: spec for spec in TIMM + EFFICIENTNET_PYTORCH + ULTRALYTICS + TRANSFORMERS}
 
 # transformers: hidden 128, 2 layers, 4 heads; token inputs of SEQUENCE_LENGTH with a padded tail
 SEQUENCE_LENGTH, VOCABULARY = 32, 1000
@@ -153,6 +155,11 @@ def _create(spec: ThirdPartyModel, size: int) -> nn.Module:
         from efficientnet_pytorch import EfficientNet
 
         return EfficientNet.from_name(spec.arch, **kwargs)
+    if spec.family == "ultralytics":
+        from ultralytics.nn.tasks import DetectionModel, SegmentationModel
+
+        builder = SegmentationModel if spec.arch.endswith("-seg") else DetectionModel
+        return builder(f"{spec.arch}.yaml", verbose=False, **kwargs)
     import transformers
 
     config_class, config = _TRANSFORMER_CONFIGS[spec.arch]
@@ -211,9 +218,25 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
+# ultralytics' raw head outputs in eval mode, by key (the rest of its output is decoded from these, or is
+# the neck's features)
+_RAW_HEAD_OUTPUTS = ("boxes", "scores", "mask_coefficient", "proto")
+
+
 def compared_output(spec: ThirdPartyModel, output: Any) -> Any:
-    """The output the SQNR is taken on: logits for image models, last_hidden_state for transformers."""
-    return output.last_hidden_state if spec.family == "transformers" else output
+    """The output the SQNR is taken on: logits for image classifiers, last_hidden_state for transformers,
+    the raw head tensors for ultralytics (flattened per sample and joined)."""
+    if spec.family == "transformers":
+        return output.last_hidden_state
+    if spec.family == "ultralytics":
+        raw = output[1]
+        return torch.cat([raw[key].flatten(1) for key in _RAW_HEAD_OUTPUTS if key in raw], 1)
+    return output
+
+
+def _classifies(spec: ThirdPartyModel) -> bool:
+    """Whether the model returns class logits (top-1 agreement is measured on those)."""
+    return spec.family in ("timm", "efficientnet_pytorch")
 
 
 # --- measuring -----------------------------------------------------------------------------------------
@@ -254,7 +277,7 @@ def _sqnr_and_agreement(spec: ThirdPartyModel, model: nn.Module, quantized: nn.M
             pairs.append((compared_output(spec, call(model, sample)), compared_output(spec, call(quantized, sample))))
     finite = all(torch.isfinite(t).all() for _, test in pairs for t in output_tensors(test))
     agreement = None
-    if spec.family != "transformers":
+    if _classifies(spec):
         agreement = float(torch.tensor([bool((r.argmax(1) == t.argmax(1)).all()) for r, t in pairs]).float().mean())
     median = float(torch.tensor([sqnr_db(reference, test) for reference, test in pairs]).median())
     return outputs_sqnr_db(pairs), median, agreement, bool(finite)
@@ -465,7 +488,7 @@ def render_markdown() -> str:
     revisions = sorted({row.get("fxq", "unrecorded") for row in complete})
     policies = sorted({row.get("omp_wait_policy", "PASSIVE") for row in complete})
     header = (
-        "# fxq on third-party models: timm, efficientnet_pytorch, transformers\n\n"
+        "# fxq on third-party models: timm, efficientnet_pytorch, ultralytics, transformers\n\n"
         f"{'; '.join(cpus)}, {', '.join(map(str, threads))} threads, torch {torch.__version__}, "
         f"{' to '.join(dict.fromkeys([dates[0], dates[-1]])) if dates else ''}, fxq at {', '.join(revisions)}. "
         "Command: "
@@ -476,7 +499,9 @@ def render_markdown() -> str:
         "recipe); otherwise each package's own init (ConvNeXt-style layer scales stay 1e-6, so those residual "
         "branches are small). Image models at their native input size, fxq.quantize with defaults on "
         f"{CALIBRATION_IMAGES} calibration crops (batches of {CALIBRATION_BATCH}), SQNR of the logits against "
-        f"float and top-1 agreement on {EVAL_IMAGES} evaluation crops, one at a time. transformers: small "
+        f"float and top-1 agreement on {EVAL_IMAGES} evaluation crops, one at a time. ultralytics: YOLOv8n and "
+        "YOLOv8n-seg built from their yaml files, SQNR of the raw head tensors (box distributions, class "
+        "scores; mask coefficients and prototypes for -seg) joined. transformers: small "
         "configs (hidden 128, 2 layers, 4 heads), dict inputs (`input_ids`, `attention_mask`: random tokens, "
         f"{SEQUENCE_LENGTH} long with a padded tail; ViTModel `pixel_values` crops), SQNR of last_hidden_state; "
         "QAT rows run prepare_qat, forward passes on the calibration batches (no training steps), "

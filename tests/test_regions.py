@@ -166,3 +166,30 @@ def test_qat_regions_keep_the_dtype_and_device_of_a_replaced_weight():
     _assert_weight_described(model, quantized)
     with torch.no_grad():  # measured 32.7 dB
         assert sqnr(torch.cat([model(b) for b in evaluation]), torch.cat([quantized(b) for b in evaluation])) > 29.5
+
+
+class Upsampler(nn.Module):
+    """A region with a transposed conv between two convs, behind a forward that branches on data (as
+    YOLOv8n-seg's mask prototype module sits in its untraceable model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, 2),
+                                   nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(x)
+        return x if bool(x.abs().sum() > 0) else -x
+
+
+def test_a_transposed_conv_runs_float_between_int8_convs():
+    """torch.ao refuses per-channel weight observers for transposed convs (its AssertionError escaped on
+    YOLOv8n-seg); the transposed conv stays float and the convs around it are int8."""
+    torch.manual_seed(0)
+    model = Upsampler().eval()
+    calibration, evaluation = _photos(1), _photos(2)
+    quantized = fxq.quantize(model, calibration[0], calibration_data=calibration)
+    assert any(isinstance(module, nn.ConvTranspose2d) for module in quantized.modules())
+    assert len(weighted_layers(quantized).int8) == 2
+    with torch.no_grad():
+        assert sqnr(model(evaluation[0]), quantized(evaluation[0])) > 25

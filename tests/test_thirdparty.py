@@ -1,12 +1,12 @@
-"""Third-party models (issue 27) quantize as drop-ins: timm, efficientnet_pytorch and transformers.
+"""Third-party models (issue 27) quantize as drop-ins: timm, efficientnet_pytorch, ultralytics and transformers.
 
 Models come from bench/thirdparty.py (random weights, zero-initialized weights re-drawn, BatchNorm statistics
 re-estimated on photographs). The default suite runs one small model per pattern of the issue:
 efficientnet_pytorch's Conv2dStaticSamePadding (ZeroPad2d + F.conv2d in a conv subclass) and its
 Conv2dDynamicSamePadding inside blocks with an optional argument, timm's Conv2dSame + BatchNormAct2d
-(tf_efficientnet_b0), a Hugging Face BertModel whose forward does not trace, in dynamic mode with dict inputs,
-and a small ViTModel (static and QAT) whose forward reads the weight dtype of a conv fxq replaced. `-m slow`
-runs the timm list and both efficientnet_pytorch SAME convs at a small input size against PyTorch FX's
+(tf_efficientnet_b0), ultralytics' YOLOv8n whose forward loops over its layers, a Hugging Face BertModel
+whose forward does not trace, in dynamic mode with dict inputs, and a small ViTModel (static and QAT) whose
+forward reads the weight dtype of a conv fxq replaced. `-m slow` runs the timm list and both efficientnet_pytorch SAME convs at a small input size against PyTorch FX's
 default; the figures at native sizes are in bench/thirdparty.md.
 """
 
@@ -76,6 +76,7 @@ def _assert_float_layers_listed(quantized: torch.nn.Module) -> float:
 EFFICIENTNET_PYTORCH_FLOOR_DB = 2.5  # measured 5.49
 TF_EFFICIENTNET_FLOOR_DB = 1.0  # measured 3.83
 BERT_DYNAMIC_FLOOR_DB = 50.0  # measured 53.00
+YOLO_FLOOR_DB = 5.0  # raw head tensors (box distributions, class scores) at 96x96: measured 7.94
 
 
 def _assert_plan_not_slower(quantized: torch.nn.Module) -> None:
@@ -125,6 +126,23 @@ def test_bert_dynamic_with_dict_inputs():
     print(f"{spec.name}: int8 {len(layers.int8)}/{len(layers.int8) + len(layers.float)}, SQNR {measured:.2f} dB")
     assert layers.float == [] and len(layers.int8) == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert measured > BERT_DYNAMIC_FLOOR_DB
+
+
+def test_ultralytics_yolov8n_whose_forward_loops_over_its_layers():
+    """YOLOv8n's forward loops over its layers and reads each one's plain attributes (`m.f`, `m.i`: which
+    earlier outputs it takes); it does not trace, so fxq quantizes its layers as regions, which must keep
+    those attributes (fxq raised AttributeError: 'GraphModule' object has no attribute 'f'). The raw head
+    tensors (box distributions, class scores) are compared against float."""
+    pytest.importorskip("ultralytics")
+    spec = MODELS["ultralytics/yolov8n"]
+    model, quantized, evaluation = _quantize(spec, spec.test_size)
+    measured = _compare(spec, model, quantized, evaluation)
+    fraction = _assert_float_layers_listed(quantized)
+    print(f"{spec.name}: int8 {fraction:.3f}, SQNR {measured:.2f} dB, plan {fxq.summary_of(quantized).estimated_latency_us}")
+    assert [(layer.f, layer.i) for layer in quantized.model] == [(layer.f, layer.i) for layer in model.model]
+    assert fraction >= MIN_INT8_FRACTION
+    _assert_plan_not_slower(quantized)
+    assert measured > YOLO_FLOOR_DB
 
 
 def test_efficientnet_pytorch_dynamic_same_padding_blocks_trace():
@@ -199,9 +217,6 @@ KNOWN_FAILURES: dict[str, tuple[type[BaseException], str]] = {
     "timm/seresnet50": (AssertionError, _SQNR_BELOW_FX.format(2.84, 5.15)),
     "timm/densenet121": (AssertionError, _SQNR_BELOW_FX.format(8.27, 10.99)),
     "timm/mnasnet_100": (AssertionError, _SQNR_BELOW_FX.format(2.91, 5.96)),
-    # 5 of 38 convs float: x86 runs int8 depthwise convs of ReXNet's channel counts ~20x slower than float
-    # (cost model: ~366 ms against ~17 ms for features.2.conv_dw at 224), so the island planner keeps them float
-    "timm/rexnet_100": (AssertionError, "33/38 conv/linear int8: depthwise convs kept float by the cost model"),
 }
 
 
