@@ -26,7 +26,7 @@ from fxq import regions
 from fxq.analysis.metrics import ErrorStats
 from fxq.backend import engine
 from fxq.backend.conv_add import fusable_convs, fused_layers
-from fxq.backend.depthwise_times import fbgemm_depthwise_convs, fbgemm_depthwise_times
+from fxq.backend.depthwise_times import fbgemm_depthwise_times, slow_fbgemm_depthwise
 from fxq.backend.dynamic_payoff import dynamic_layers, keep_float_where_slower
 from fxq.backend.float_layout import clamp_float_layer_outputs_in_place, run_float_convs_channels_last
 from fxq.backend.float_outputs import dynamic_output_linears
@@ -240,7 +240,7 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
                                   "an op was lost or changed in tracing, e.g. an in-place method whose result is "
                                   "unused (x.add_(y)), which FX drops: write x = x + y", TraceError)]
     choice = engine_for_graph(choice, options, has_conv_adds=bool(fusable_convs(gm, example_inputs)),
-                              fbgemm_depthwise=fbgemm_depthwise_convs(gm))
+                              fbgemm_depthwise=lambda: slow_fbgemm_depthwise(gm, example_inputs))
     pass_batches = channels_last_batches(gm, batches)
     equalized, check = [], OutputCheck(traced.work, batches)
     if options.equalize:

@@ -21,7 +21,7 @@ from fxq.backend.engine import using_engine
 from fxq.frontend.rewrite import unwrap
 from fxq.report.latency import fastest_call_us, layer_inputs
 
-__all__ = ["FBGEMM_MIN_GROUPS", "fbgemm_depthwise_convs", "fbgemm_depthwise_times"]
+__all__ = ["FBGEMM_MIN_GROUPS", "fbgemm_depthwise_times", "slow_fbgemm_depthwise"]
 
 # x86 hands depthwise convs with more groups than this to fbgemm (fewer go to onednn).
 FBGEMM_MIN_GROUPS = 100
@@ -51,14 +51,22 @@ def _times_us(conv: nn.Conv2d, input_shape: torch.Size, engine: str) -> tuple[fl
     return float_us, int8_us
 
 
-def fbgemm_depthwise_convs(gm: fx.GraphModule) -> list[str]:
-    """The depthwise convs of `gm` that the x86 engine would run on fbgemm (a fused conv + ReLU named once)."""
-    names: dict[int, str] = {}
+def _fbgemm_depthwise_convs(gm: fx.GraphModule) -> dict[str, nn.Conv2d]:
+    """The depthwise convs of `gm` that the x86 engine would run on fbgemm, by name (a fused conv + ReLU
+    named once)."""
+    convs: dict[int, tuple[str, nn.Conv2d]] = {}
     for name, module in gm.named_modules():
         conv = _fbgemm_depthwise(module)
         if conv is not None:
-            names.setdefault(id(conv), name)
-    return list(names.values())
+            convs.setdefault(id(conv), (name, conv))
+    return dict(convs.values())
+
+
+def slow_fbgemm_depthwise(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[str]:
+    """The depthwise convs of `gm` that x86 would run on fbgemm and that take longer in int8 than in float
+    there, timed at the example inputs' shapes."""
+    return [name for name, (float_us, int8_us) in fbgemm_depthwise_times(gm, example_inputs, "x86").items()
+            if int8_us > float_us]
 
 
 def fbgemm_depthwise_times(gm: fx.GraphModule, example_inputs: tuple[Any, ...], engine: str
@@ -67,7 +75,7 @@ def fbgemm_depthwise_times(gm: fx.GraphModule, example_inputs: tuple[Any, ...], 
     the input shape the example inputs give it; {} on other engines or without such convs."""
     if engine not in ("x86", "fbgemm"):
         return {}
-    convs = {name: conv for name, module in gm.named_modules() if (conv := _fbgemm_depthwise(module)) is not None}
+    convs = _fbgemm_depthwise_convs(gm)
     if not convs:
         return {}
     inputs = layer_inputs(gm, example_inputs, convs)

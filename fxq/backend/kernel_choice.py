@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import platform
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import fx, nn
 
@@ -57,26 +57,27 @@ def same_grid_engines(current: str) -> list[str]:
 
 
 def engine_for_graph(choice: engine.EngineChoice, options: QuantOptions, has_conv_adds: bool,
-                     fbgemm_depthwise: Sequence[str] = ()) -> engine.EngineChoice:
+                     fbgemm_depthwise: Callable[[], list[str]] = list) -> engine.EngineChoice:
     """x86 in place of onednn for a model in which no conv feeds a residual add.
 
     onednn comes first for its conv+add kernel (see the module docstring); without such a pair it has
     nothing to fuse, and x86 (PyTorch's default, fbgemm for linear layers) ran the same int8 models as
     fast or faster at the same SQNR (docs/design/engines.md). Kept when the two engines would need
-    different weight grids, and when x86 would run depthwise convs on fbgemm (`fbgemm_depthwise`), whose
-    depthwise kernels cover some shapes only: the others run 20-50x slower than float and become float
-    islands (timm's convnext_nano on x86: 6 of its 47 layers float, on onednn none, at the same latency).
+    different weight grids, and when x86 would run depthwise convs on fbgemm that take longer in int8 than
+    in float (`fbgemm_depthwise()` names them, timed only when it matters): fbgemm's depthwise kernels
+    cover some shapes only, the others run 20-50x slower than float and become float islands (timm's
+    convnext_nano on x86: 6 of its 47 layers float, on onednn none, at the same latency).
     """
     if (options.backend is not Backend.AUTO or choice.engine != "onednn" or has_conv_adds
             or "x86" not in candidate_engines(options, choice)
             or engine.probe_kernel_saturation("x86") != choice.kernel_saturates):
         return choice
-    if fbgemm_depthwise:
+    slow = fbgemm_depthwise()
+    if slow:
         return dataclasses.replace(choice, reason=(
-            f"{choice.reason}; onednn although no conv feeds a residual add: x86 would run "
-            f"{len(fbgemm_depthwise)} depthwise conv(s) ({', '.join(fbgemm_depthwise[:3])}"
-            f"{', ...' if len(fbgemm_depthwise) > 3 else ''}) on fbgemm, whose depthwise kernels cover some "
-            "shapes only"))
+            f"{choice.reason}; onednn although no conv feeds a residual add: x86 would run {len(slow)} "
+            f"depthwise conv(s) ({', '.join(slow[:3])}{', ...' if len(slow) > 3 else ''}) on fbgemm, slower "
+            "in int8 than in float (timed)"))
     return dataclasses.replace(choice, engine="x86", reason=(
         f"{choice.reason}; x86 in place of onednn: no conv feeds a residual add, so onednn's conv+add "
         "kernel has nothing to fuse, and x86 runs int8 linear layers faster"))
