@@ -230,6 +230,9 @@ def compared_output(spec: ThirdPartyModel, output: Any) -> Any:
         return output.last_hidden_state
     if spec.family == "ultralytics":
         raw = output[1]
+        missing = [key for key in _RAW_HEAD_OUTPUTS[:2] if key not in raw]
+        if missing:
+            raise KeyError(f"ultralytics' eval output has no {missing}; its keys: {sorted(raw)}")
         return torch.cat([raw[key].flatten(1) for key in _RAW_HEAD_OUTPUTS if key in raw], 1)
     return output
 
@@ -508,7 +511,8 @@ def render_markdown() -> str:
         "freeze_observers and convert. PyTorch's default is FX prepare/convert with the default x86 qconfig "
         "mapping for static and QAT rows (a failure shows its exception type), eager quantize_dynamic for "
         "dynamic rows. Latency: medians at batch 1, float and int8 timed alternately (paired) after warm-up; "
-        "the ratio is steadier than the times, as this machine's speed drifts. Goals of issue 27: at least {GOAL_INT8_FRACTION:.0%} of conv/linear calls int8, int8 latency "
+        "the ratio is steadier than the times, as this machine's speed drifts. Goals of issue 27: at least "
+        f"{GOAL_INT8_FRACTION:.0%} of conv/linear calls int8, int8 latency "
         f"at most {GOAL_LATENCY_RATIO}x float, SQNR at or above PyTorch's; \"median sample\" is not a goal but "
         "tells how the SQNR over the set is made: a random-weight network gives a few crops logits far larger "
         "than the rest, and those crops make most of the error (bench/generalization.py). With 16 calibration "

@@ -152,10 +152,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     saved = fxq.save(quantized, args.out)
     print(f"fxq: saved int8 model to {saved}", file=sys.stderr)
     if args.onnx:
-        conv_add = {"conv_add": args.onnx_conv_add}
+        export_options = {"conv_add": args.onnx_conv_add}
         if args.onnx_conv_add != "fused":
-            conv_add["calibration_data"] = calibration
-        path = fxq.export_onnx(quantized, args.onnx, example_inputs, **conv_add)
+            export_options["calibration_data"] = calibration
+        path = fxq.export_onnx(quantized, args.onnx, example_inputs, **export_options)
         print(f"fxq: wrote ONNX QDQ model to {path}", file=sys.stderr)
     evaluation = load_data(args.data, args.calibration_size, args.input_shape, EVAL_SEED)
     print(_render(compare_models(model, quantized, example_inputs, eval_data=evaluation,

@@ -52,3 +52,27 @@ def test_a_layer_grid_mixes_eight_and_seven_bit_channels():
     codes = torch.quantize_per_channel(weight, observer.calculate_qparams()[0], torch.zeros(6, dtype=torch.long), 0,
                                        torch.qint8).int_repr().abs().flatten(1).amax(1)
     assert codes.tolist()[1] >= 127 and codes.tolist()[4] >= 127 and max(codes[[0, 2, 3, 5]].tolist()) <= 64
+
+
+def test_x86_replaces_onednn_only_where_its_fbgemm_depthwise_convs_are_not_slow():
+    """Without a conv feeding a residual add, auto takes x86 unless x86 would run depthwise convs on fbgemm
+    slower in int8 than in float; the depthwise convs are timed only when the switch would happen."""
+    from fxq.backend.kernel_choice import engine_for_graph
+
+    if not {"x86", "onednn"} <= set(torch.backends.quantized.supported_engines):
+        pytest.skip("needs the x86 and onednn engines")
+    saturates = engine.probe_kernel_saturation("onednn")
+    if engine.probe_kernel_saturation("x86") != saturates:
+        pytest.skip("the two engines' kernels saturate differently here: onednn is kept for its grids")
+    onednn = engine.EngineChoice("onednn", reduce_range=False, kernel_saturates=saturates, reason="auto")
+    options = QuantOptions()
+    timed = []
+
+    def slow(names: list[str]):
+        return lambda: timed.append(names) or names
+
+    assert engine_for_graph(onednn, options, has_conv_adds=False, fbgemm_depthwise=slow([])).engine == "x86"
+    kept = engine_for_graph(onednn, options, has_conv_adds=False, fbgemm_depthwise=slow(["blocks.0.conv_dw"]))
+    assert kept.engine == "onednn" and "(blocks.0.conv_dw) on fbgemm, slower in int8" in kept.reason
+    assert engine_for_graph(onednn, options, has_conv_adds=True, fbgemm_depthwise=slow(["x"])).engine == "onednn"
+    assert timed == [[], ["blocks.0.conv_dw"]]  # not timed where a conv feeds an add

@@ -190,6 +190,9 @@ def test_a_transposed_conv_runs_float_between_int8_convs():
     calibration, evaluation = _photos(1), _photos(2)
     quantized = fxq.quantize(model, calibration[0], calibration_data=calibration)
     assert any(isinstance(module, nn.ConvTranspose2d) for module in quantized.modules())
-    assert len(weighted_layers(quantized).int8) == 2
+    layers = weighted_layers(quantized)
+    assert len(layers.int8) == 2 and len(layers.float) == 1
+    (listed,) = [why for name, why in fxq.summary_of(quantized).float_layers if name == layers.float[0]]
+    assert listed.startswith("transposed conv")
     with torch.no_grad():
         assert sqnr(model(evaluation[0]), quantized(evaluation[0])) > 25

@@ -33,7 +33,9 @@ def test_returned_module_runs_its_torchscript_form_and_says_so(served):
     assert "serving" in fxq.summary_of(quantized).timings_s
     with torch.no_grad():
         assert torch.equal(quantized(evaluation[:1]), python_forward(quantized, evaluation[:1]))
-    assert (evaluation[:1].shape,) in forward.copies
+        assert (evaluation[:5].shape,) not in forward.copies
+        quantized(evaluation[:5])  # a new shape gets its copy of the TorchScript form
+    assert (evaluation[:5].shape,) in forward.copies
 
 
 def test_no_served_copy_shares_the_packed_weights_the_calibration_batches_ran(served):

@@ -6,8 +6,9 @@ efficientnet_pytorch's Conv2dStaticSamePadding (ZeroPad2d + F.conv2d in a conv s
 Conv2dDynamicSamePadding inside blocks with an optional argument, timm's Conv2dSame + BatchNormAct2d
 (tf_efficientnet_b0), ultralytics' YOLOv8n whose forward loops over its layers, a Hugging Face BertModel
 whose forward does not trace, in dynamic mode with dict inputs, and a small ViTModel (static and QAT) whose
-forward reads the weight dtype of a conv fxq replaced. `-m slow` runs the timm list and both efficientnet_pytorch SAME convs at a small input size against PyTorch FX's
-default; the figures at native sizes are in bench/thirdparty.md.
+forward reads the weight dtype of a conv fxq replaced. `-m slow` runs the timm list and both
+efficientnet_pytorch SAME convs at a small input size against PyTorch FX's default; the figures at native
+sizes are in bench/thirdparty.md.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 
 from fxq.backend import conv_add, float_shield
 from fxq.backend.dynamic_linear import DynamicLinear
+from fxq.backend.op_kinds import TRANSPOSED_CONV_TYPES
 from fxq.backend.observers import (AutoRangeObserver, ChannelsLastMinMaxObserver,
                                   ChannelsLastMovingAverageMinMaxObserver, MSEObserver, PercentileObserver,
                                   SampledHistogramObserver)
@@ -253,11 +254,6 @@ class MixedBitsWeightObserver(ao_observer.PerChannelMinMaxObserver):
         return low, torch.where(seven_bit, float(SEVEN_BIT_WEIGHTS["quant_max"]), float(self.quant_max))
 
 
-# Transposed convs run in float: torch.ao's prepare refuses per-channel weight observers for them
-# (YOLOv8n-seg's mask prototype upsampling raised its AssertionError).
-FLOAT_TRANSPOSED_CONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
 def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choice: EngineChoice,
                                  keep_float: Iterable[str] = ()) -> QConfigMapping:
     """Global static qconfig plus per-layer overrides (observer choice, float layers) by module name."""
@@ -265,13 +261,13 @@ def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choi
     activation = _activation_observer(options.activation_observer, choice.reduce_range)
     mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight)) \
         .set_object_type(nn.PReLU, QConfig(activation=activation, weight=PReLUSlopeObserver))
-    for transposed in FLOAT_TRANSPOSED_CONVS:  # torch.ao refuses per-channel weights for them
+    for transposed in TRANSPOSED_CONV_TYPES:  # torch.ao refuses per-channel weights for them
         mapping.set_object_type(transposed, None)
     float_keys = list(options.keep_float) + list(keep_float)
     for name, module in gm.named_modules():
         if not name:
             continue
-        if key_covers(float_keys, name, module):
+        if key_covers(float_keys, name, module) or isinstance(module, TRANSPOSED_CONV_TYPES):
             mapping.set_module_name(name, None)
             continue
         for key, observer_kind in options.observer_overrides.items():

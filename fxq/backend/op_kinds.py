@@ -15,7 +15,10 @@ import torch
 import torch.ao.nn.intrinsic as nni
 from torch import fx, nn
 
-WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Transposed convs run in float: torch.ao's prepare refuses per-channel weight observers for them
+# (YOLOv8n-seg's mask prototype upsampling raised its AssertionError); counted as float layers.
+TRANSPOSED_CONV_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *TRANSPOSED_CONV_TYPES)
 # fxq's own dynamic int8 Linear (backend/dynamic_linear.py), by module path: op_kinds sits below it
 DYNAMIC_LINEAR_MODULE = "fxq.backend.dynamic_linear"
 # and its Linears that read one tensor, run as one kernel (backend/shared_input.py): each member counts as a

@@ -167,6 +167,7 @@ def serve_scripted(graph_module: fx.GraphModule, example_inputs: tuple, engine: 
 
 
 def _shapes(args: tuple) -> tuple:
+    """The key of the copy that serves a call: its tensor arguments' shapes."""
     return tuple(arg.shape for arg in args)
 
 

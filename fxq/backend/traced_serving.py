@@ -19,9 +19,9 @@ submodule, a parameter or an int8 weight of the model was replaced or changed in
 dropped and made again.
 
 onednn caches its int8 kernel for the first input shape a packed weight sees and rebuilds it on every call of
-another shape (a dynamic 384 -> 1536 Linear on 64 tokens: 71 us, 131 us after a 16 x 64 call). The first
-signature's trace runs the model's own packed weights; each further one runs a copy of its trace, whose
-weights are packed afresh (as backend.serving does per shape).
+another shape (a dynamic 384 -> 1536 Linear on 64 tokens: 71 us, 131 us after a 16 x 64 call). The model's
+own packed weights have run the calibration batches' shape, so every signature, the first included, runs a
+copy of its trace whose weights are packed afresh (as backend.serving does per shape).
 """
 
 from __future__ import annotations
@@ -167,9 +167,8 @@ class TracedForward:
         try:
             traced = _trace(call, tensors)
             retraced = _trace(call, tuple(map(_changed_in_value, tensors)))
-            if len(self.traces) > 1:  # (this signature is in already) not the first: its own packed weights
-                with using_engine(self.engine):
-                    traced = copy.deepcopy(traced)
+            with using_engine(self.engine):  # its own packed weights (module docstring)
+                traced = copy.deepcopy(traced)
             with torch.no_grad():
                 actual = traced(*tensors)
         except Exception as exc:  # the tracer's errors name the code it cannot record

@@ -20,16 +20,15 @@ docs/design/onnx-export.md, bench/onnx_runtimes.md.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.utils import _pytree as pytree  # private, but what fx itself uses to walk nested outputs
 
 from fxq.analysis.metrics import ErrorStats
 from fxq.backend.observers import AutoRangeObserver
-from fxq.calibration import output_tensors
 from fxq.errors import InputError, MissingExtraError
 from fxq.export.graph import ExportError
 
@@ -54,14 +53,14 @@ def _conv_output(module: nn.Module, quantized_input: torch.Tensor) -> torch.Tens
 
 
 def conv_output_grids(gm: fx.GraphModule, names: list[str], calibration_batches: Iterable[tuple] | None,
-                      run: Any) -> dict[str, tuple[float, int]]:
+                      run: Any, form: str = "requantize") -> dict[str, tuple[float, int]]:
     """{layer: (scale, zero point)} of the uint8 grid each named conv + add's conv output is rounded to:
     fxq's per-activation range choice (backend.observers.AutoRangeObserver) over the calibration batches.
 
     `run(batch)` runs the int8 model on one batch (on its own engine).
     """
     if calibration_batches is None:
-        raise InputError(f"conv_add='requantize' rounds the output of {len(names)} conv(s) ({', '.join(names[:3])}"
+        raise InputError(f"conv_add={form!r} rounds the output of {len(names)} conv(s) ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''}) to 8 bits on a new grid; pass calibration_data "
                          "(the batches the model was calibrated on) to choose it, or keep conv_add='fused'")
     observers = {name: AutoRangeObserver(dtype=torch.quint8) for name in names}
@@ -86,6 +85,7 @@ def conv_output_grids(gm: fx.GraphModule, names: list[str], calibration_batches:
 
 
 def units_in_graph_order(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    """`names` in the order the graph calls them: the last is the unit nearest the output."""
     wanted = set(names)
     return [str(node.target) for node in gm.graph.nodes if node.op == "call_module" and node.target in wanted]
 
@@ -95,7 +95,8 @@ def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], wri
                       ) -> tuple[dict[str, tuple[float, int]], list[str], dict[int, float]]:
     """The requantized grids of `conv_add="auto"`: `grids` without the last k of `units` (in graph order),
     k <= AUTO_MAX_FUSED_UNITS chosen by ONNX Runtime's outputs on `batches` against `expected` (the torch
-    int8 model's outputs on them). A unit more is kept fused only for AUTO_MIN_GAIN_DB more.
+    int8 model's outputs on them). Units are added from the last one while each brings AUTO_MIN_GAIN_DB more;
+    the first that does not stops the search.
 
     `write(grids)` builds the ONNX model; `input_names[i]` is the ONNX input fed by a batch's i-th tensor
     (None: not an input). Returns (grids, the units kept fused, {k: SQNR dB against the torch model}).
@@ -108,7 +109,7 @@ def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], wri
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
     sqnr_by_kept: dict[int, float] = {}
-    best, best_sqnr = 0, -math.inf
+    best = 0
     for kept in range(min(AUTO_MAX_FUSED_UNITS, len(units)) + 1):
         candidate = {name: grid for name, grid in grids.items() if name not in units[len(units) - kept:]}
         session = onnxruntime.InferenceSession(write(candidate).SerializeToString(), options,
@@ -117,10 +118,15 @@ def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], wri
         for batch, reference in zip(batches, expected):
             feeds = {name: value.numpy() for name, value in zip(input_names, batch) if name is not None}
             outputs = session.run(None, feeds)
-            for reference_tensor, output in zip(output_tensors(reference), outputs, strict=True):
-                stats.update(reference_tensor, torch.from_numpy(output))
+            # the file returns every tensor output, dequantized; compare the floating-point ones
+            references = [leaf.dequantize() if leaf.is_quantized else leaf
+                          for leaf in pytree.tree_leaves(reference) if isinstance(leaf, torch.Tensor)]
+            for reference_tensor, output in zip(references, outputs, strict=True):
+                if reference_tensor.is_floating_point():
+                    stats.update(reference_tensor, torch.from_numpy(output))
         sqnr_by_kept[kept] = round(stats.sqnr_db, 2)
-        if stats.sqnr_db >= best_sqnr + (AUTO_MIN_GAIN_DB * (kept - best) if kept else 0.0):
-            best, best_sqnr = kept, stats.sqnr_db
+        if kept and stats.sqnr_db < sqnr_by_kept[kept - 1] + AUTO_MIN_GAIN_DB:
+            break
+        best = kept
     kept_fused = units[len(units) - best:]
     return {name: grid for name, grid in grids.items() if name not in kept_fused}, kept_fused, sqnr_by_kept

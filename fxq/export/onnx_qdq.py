@@ -77,9 +77,9 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
     if conv_add != "fused" and fused:
         batches = None if calibration_data is None else materialize(calibration_data, example_inputs)
         with _on_its_engine(int8_model):
-            conv_grids = conv_output_grids(int8_model, fused, batches, lambda batch: int8_model(*batch))
+            conv_grids = conv_output_grids(int8_model, fused, batches, lambda batch: int8_model(*batch), conv_add)
         if conv_add == "auto":
-            conv_grids, kept_fused = _choose_fused_tail(int8_model, example_inputs, dynamic_linear, fused,
+            conv_grids, kept_fused = _auto_conv_grids(int8_model, example_inputs, dynamic_linear, fused,
                                                         conv_grids, batches)
     model = _QdqWriter(int8_model, example_inputs, dynamic_linear, conv_grids, kept_fused).write()
     onnx.checker.check_model(model, full_check=True)
@@ -88,7 +88,7 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
     return path
 
 
-def _choose_fused_tail(gm: fx.GraphModule, example_inputs: tuple, dynamic_linear: str, fused: list[str],
+def _auto_conv_grids(gm: fx.GraphModule, example_inputs: tuple, dynamic_linear: str, fused: list[str],
                        grids: dict[str, tuple[float, int]], batches: list[tuple]
                        ) -> tuple[dict[str, tuple[float, int]], list[str]]:
     """conv_add='auto': which of the last conv + add units stay fused (export.conv_add.choose_fused_tail)."""

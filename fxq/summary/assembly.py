@@ -10,7 +10,8 @@ from typing import Any, Iterable, Mapping
 from torch import fx, nn
 
 from fxq.backend.engine import EngineChoice
-from fxq.backend.op_kinds import is_shape_op, is_weighted_module, quantizes_op, weighted_layers
+from fxq.backend.op_kinds import TRANSPOSED_CONV_TYPES, is_shape_op, is_weighted_module, quantizes_op, \
+    weighted_layers
 from fxq.config import QuantOptions, covered_modules, key_covers
 from fxq.frontend.islands import IslandPlan
 from fxq.frontend.trace import FloatLeaf
@@ -48,6 +49,8 @@ def float_layers_after(quantized: nn.Module, around: list[FloatLeaf], keep_float
             why = f"untraceable: {leaf.reason}"
         elif key_covers(keep_float, name, modules.get(name)):
             why = "keep_float"
+        elif isinstance(modules.get(name), TRANSPOSED_CONV_TYPES):
+            why = "transposed conv: torch.ao's static int8 flow takes no per-channel weights for it"
         else:  # a module of its own, an op inside an outlined island, or the conv of a fused container
             why = island_reasons.get(name) or island_reasons.get(name.rpartition(".")[2]) \
                 or island_reasons.get(name.rpartition(".")[0]) or "no int8 pattern"
