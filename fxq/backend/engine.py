@@ -261,12 +261,12 @@ def build_static_qconfig_mapping(gm: fx.GraphModule, options: QuantOptions, choi
     activation = _activation_observer(options.activation_observer, choice.reduce_range)
     mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight)) \
         .set_object_type(nn.PReLU, QConfig(activation=activation, weight=PReLUSlopeObserver))
-    for transposed in TRANSPOSED_CONV_TYPES:  # torch.ao refuses per-channel weights for them
-        mapping.set_object_type(transposed, None)
     float_keys = list(options.keep_float) + list(keep_float)
     for name, module in gm.named_modules():
         if not name:
             continue
+        # transposed convs by name, not by type: a name rule (an observer override below) beats a type rule,
+        # and torch.ao refuses per-channel weights for them
         if key_covers(float_keys, name, module) or isinstance(module, TRANSPOSED_CONV_TYPES):
             mapping.set_module_name(name, None)
             continue

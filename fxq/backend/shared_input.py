@@ -7,10 +7,11 @@ the same arithmetic (each output row keeps its own weight scale, and the input i
 range) in one call.
 
 The model keeps its module tree and its own Python code: each member Linear becomes a SharedInputLinear
-that returns its columns of the group's output (a view: code that needs a contiguous output copies it). The group computes on the first member's call and hands
-the other members their columns when they are called on the same tensor (the same object, unchanged since:
-same version counter, or for an inference tensor the same values) in the same thread. A member called on anything else computes the group again, so
-an output is never stale. A trace of the model (backend.traced_serving, fxq.save) records the one kernel.
+that returns its columns of the group's output (a view: code that needs a contiguous output copies it).
+The group computes on the first member's call and hands the other members their columns when they are
+called on the same tensor (the same object, unchanged since: same version counter, or for an inference
+tensor the same values) in the same thread. A member called on anything else computes the group again,
+so an output is never stale. A trace of the model (backend.traced_serving, fxq.save) records the one kernel.
 """
 
 from __future__ import annotations

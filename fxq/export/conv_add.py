@@ -92,14 +92,14 @@ def units_in_graph_order(gm: fx.GraphModule, names: list[str]) -> list[str]:
 
 def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], write: Callable[[dict], Any],
                       batches: list[tuple], expected: list[Any], input_names: list[str]
-                      ) -> tuple[dict[str, tuple[float, int]], list[str], dict[int, float]]:
+                      ) -> tuple[dict[str, tuple[float, int]], list[str]]:
     """The requantized grids of `conv_add="auto"`: `grids` without the last k of `units` (in graph order),
     k <= AUTO_MAX_FUSED_UNITS chosen by ONNX Runtime's outputs on `batches` against `expected` (the torch
     int8 model's outputs on them). Units are added from the last one while each brings AUTO_MIN_GAIN_DB more;
     the first that does not stops the search.
 
     `write(grids)` builds the ONNX model; `input_names[i]` is the ONNX input fed by a batch's i-th tensor
-    (None: not an input). Returns (grids, the units kept fused, {k: SQNR dB against the torch model}).
+    (None: not an input). Returns (grids, the units kept fused).
     """
     try:
         import onnxruntime
@@ -108,7 +108,7 @@ def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], wri
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3
-    sqnr_by_kept: dict[int, float] = {}
+    sqnr_by_kept: list[float] = []  # SQNR dB against the torch model with the last k units fused
     best = 0
     for kept in range(min(AUTO_MAX_FUSED_UNITS, len(units)) + 1):
         candidate = {name: grid for name, grid in grids.items() if name not in units[len(units) - kept:]}
@@ -124,9 +124,9 @@ def choose_fused_tail(units: list[str], grids: dict[str, tuple[float, int]], wri
             for reference_tensor, output in zip(references, outputs, strict=True):
                 if reference_tensor.is_floating_point():
                     stats.update(reference_tensor, torch.from_numpy(output))
-        sqnr_by_kept[kept] = round(stats.sqnr_db, 2)
+        sqnr_by_kept.append(stats.sqnr_db)
         if kept and stats.sqnr_db < sqnr_by_kept[kept - 1] + AUTO_MIN_GAIN_DB:
             break
         best = kept
     kept_fused = units[len(units) - best:]
-    return {name: grid for name, grid in grids.items() if name not in kept_fused}, kept_fused, sqnr_by_kept
+    return {name: grid for name, grid in grids.items() if name not in kept_fused}, kept_fused

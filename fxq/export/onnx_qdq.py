@@ -76,11 +76,13 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
     kept_fused: list[str] = []
     if conv_add != "fused" and fused:
         batches = None if calibration_data is None else materialize(calibration_data, example_inputs)
+        outputs: list[Any] = []  # the torch model's, on the batches: what "auto" compares ONNX Runtime's with
         with _on_its_engine(int8_model):
-            conv_grids = conv_output_grids(int8_model, fused, batches, lambda batch: int8_model(*batch), conv_add)
+            conv_grids = conv_output_grids(int8_model, fused, batches,
+                                           lambda batch: outputs.append(int8_model(*batch)), conv_add)
         if conv_add == "auto":
             conv_grids, kept_fused = _auto_conv_grids(int8_model, example_inputs, dynamic_linear, fused,
-                                                        conv_grids, batches)
+                                                      conv_grids, batches, outputs)
     model = _QdqWriter(int8_model, example_inputs, dynamic_linear, conv_grids, kept_fused).write()
     onnx.checker.check_model(model, full_check=True)
     path = Path(path)
@@ -89,18 +91,15 @@ def export_onnx(int8_model: torch.nn.Module, path: str | os.PathLike, example_in
 
 
 def _auto_conv_grids(gm: fx.GraphModule, example_inputs: tuple, dynamic_linear: str, fused: list[str],
-                       grids: dict[str, tuple[float, int]], batches: list[tuple]
-                       ) -> tuple[dict[str, tuple[float, int]], list[str]]:
-    """conv_add='auto': which of the last conv + add units stay fused (export.conv_add.choose_fused_tail)."""
-    with _on_its_engine(gm), torch.no_grad():
-        expected = [gm(*batch) for batch in batches]
+                     grids: dict[str, tuple[float, int]], batches: list[tuple], expected: list[Any]
+                     ) -> tuple[dict[str, tuple[float, int]], list[str]]:
+    """conv_add='auto': which of the last conv + add units stay fused (export.conv_add.choose_fused_tail),
+    `expected` being the torch model's outputs on `batches`."""
     input_names = [node.name if isinstance(value, torch.Tensor) else None
                    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs)]
-    grids, kept_fused, _ = choose_fused_tail(
-        units_in_graph_order(gm, fused), grids,
-        lambda candidate: _QdqWriter(gm, example_inputs, dynamic_linear, candidate).write(),
-        batches, expected, input_names)
-    return grids, kept_fused
+    return choose_fused_tail(units_in_graph_order(gm, fused), grids,
+                             lambda candidate: _QdqWriter(gm, example_inputs, dynamic_linear, candidate).write(),
+                             batches, expected, input_names)
 
 
 class _Recorder(fx.Interpreter):
