@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fxq.backend.engine import available_engines, using_engine
+from fxq.backend.serving import serve_loaded
 from fxq.calibration import output_tensors
 from fxq.errors import SerializationError
 from fxq.summary import QuantizationSummary, attach, summary_of
@@ -104,6 +105,8 @@ def load(path: str | os.PathLike) -> torch.jit.ScriptModule:
     the current engine, and weights packed for another engine give different outputs (measured: a model
     built for x86 and loaded under qnnpack differs by up to 4e-3). If this CPU does not support the
     file's engine, the model is loaded under the current one, with a warning and a note in its summary.
+    Each input shape the model is called with runs a copy of it with its own packed weights
+    (backend.serving.serve_loaded), so it serves any mix of batch sizes at each size's speed.
     """
     source = Path(path)
     if not source.is_file():
@@ -124,6 +127,7 @@ def load(path: str | os.PathLike) -> torch.jit.ScriptModule:
     except Exception as exc:
         raise SerializationError(f"{source} is not a model saved by fxq.save: {(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from exc
     torch.backends.quantized.engine = engine
+    serve_loaded(module, engine)
     if meta.get("summary"):
         fields = {field.name for field in dataclasses.fields(QuantizationSummary)}
         summary = QuantizationSummary(**{key: value for key, value in meta["summary"].items() if key in fields})

@@ -107,3 +107,30 @@ def test_a_copy_of_a_served_model_gives_its_outputs(served):
     assert serving.scripted_forward_of(twin) is None
     with torch.no_grad():
         assert torch.equal(twin(evaluation), quantized(evaluation))
+
+
+def test_a_loaded_model_serves_each_batch_size_on_its_own_copy(served, tmp_path):
+    """fxq.load returns the TorchScript module, whose calls run one copy per input shape (serving.serve_loaded):
+    a loaded MobileNetV2 that had served batch 32 ran batch 1 at twice the time of one that had not."""
+    _, quantized, evaluation = served
+    path = fxq.save(quantized, tmp_path / "model.pt")
+    loaded, fresh = fxq.load(path), fxq.load(path)
+    assert isinstance(loaded, torch.jit.ScriptModule)
+    forward = serving.loaded_forward_of(loaded)
+    assert forward is not None
+    with torch.no_grad():
+        for batch in (evaluation, evaluation[:1], evaluation[:3]):
+            assert torch.equal(loaded(batch), quantized(batch))
+        assert torch.equal(loaded(evaluation[:1]), fresh.forward(evaluation[:1]))
+    shapes = [(evaluation.shape,), (evaluation[:1].shape,), (evaluation[:3].shape,)]
+    assert list(forward.copies) == shapes
+    assert len({id(copy_) for copy_ in forward.copies.values()}) == 3 and loaded not in forward.copies.values()
+    loaded.train()  # the copies were made in eval mode: a call in training mode runs the module itself
+    with torch.no_grad():
+        assert torch.equal(loaded(evaluation[:2]), loaded.forward(evaluation[:2]))
+    loaded.eval()
+    assert (evaluation[:2].shape,) not in forward.copies
+    twin = copy.deepcopy(loaded)
+    assert serving.loaded_forward_of(twin) is None
+    with torch.no_grad():
+        assert torch.equal(twin(evaluation[:1]), loaded(evaluation[:1]))

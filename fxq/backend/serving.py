@@ -9,6 +9,8 @@ Two costs the int8 kernels do not need:
   gets a copy of its TorchScript form per input shape (copying packs the weights afresh), each on its cached
   kernel. After MAX_SHAPE_COPIES shapes, further shapes share the first copy, as any torch int8 model does.
 
+A model loaded with `fxq.load` (one TorchScript module) gets the same copies per shape (serve_loaded).
+
 The user still holds the GraphModule: `summary_of`, `fxq.save`, `.graph`, hooks all work. Its Python forward
 runs whenever the TorchScript form could differ from it: under tracing or compiling, with forward hooks on the
 model or any submodule (or global ones), after the graph was recompiled, a submodule replaced or a packed
@@ -29,7 +31,8 @@ from torch.nn.modules import module as module_globals
 
 from fxq.backend.engine import using_engine
 
-__all__ = ["MAX_SHAPE_COPIES", "ModuleTreeState", "same_values", "ScriptedForward", "serve_scripted", "scripted_forward_of"]
+__all__ = ["MAX_SHAPE_COPIES", "CallState", "ModuleTreeState", "same_values", "PerShapeCopies", "ScriptedForward", "serve_scripted",
+           "scripted_forward_of", "LoadedForward", "serve_loaded", "loaded_forward_of"]
 
 # Copies of the TorchScript form kept per distinct input shape (each holds its own packed weights).
 MAX_SHAPE_COPIES = 8
@@ -45,30 +48,40 @@ def _packed_weights(module: nn.Module) -> Any:
 _PACKED = operator.attrgetter("_packed_params")
 
 
-class ModuleTreeState:
-    """What a compiled form (TorchScript, a trace) of a module tree was made from, and whether calls may run it:
-    the tree's submodules, int8 packed weights, hooks and training flags as they were, and nothing tracing
-    or compiling the call. The check runs on every call, so it is flattened into C-level loops (a few us
-    for MobileNetV2's 150 modules)."""
+class CallState:
+    """Whether a call of a module tree may run a copy made of it: no hooks, nothing tracing or compiling the
+    call, the training flags as they were. The check runs on every call, so it is flattened into C-level
+    loops (a few us for MobileNetV2's 150 modules)."""
 
     def __init__(self, root: nn.Module) -> None:
         modules = list(root.modules())
         self.modules = modules
         self.hook_dicts = [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
-        self.children_dicts = [m._modules for m in modules if m._modules]
-        self.children = list(chain.from_iterable(map(dict.values, self.children_dicts)))
-        self.packed_owners = [m for m in modules if _packed_weights(m) is not None]
-        self.packed = list(map(_PACKED, self.packed_owners))
         self.training = [m.training for m in modules]
 
     def unchanged(self) -> bool:
-        return self.plain_call() and self.same_tree()
+        return self.plain_call()
 
     def plain_call(self) -> bool:
         """No hooks, no tracing or compiling, the training flags as they were: a call the form can stand for."""
         return not (torch.jit.is_tracing() or torch.compiler.is_compiling() or any(self.hook_dicts)
                     or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
                     or list(map(_TRAINING, self.modules)) != self.training)
+
+
+class ModuleTreeState(CallState):
+    """What a compiled form (TorchScript, a trace) of a Python module tree was made from, and whether calls
+    may run it: CallState's conditions, and the tree's submodules and int8 packed weights as they were."""
+
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__(root)
+        self.children_dicts = [m._modules for m in self.modules if m._modules]
+        self.children = list(chain.from_iterable(map(dict.values, self.children_dicts)))
+        self.packed_owners = [m for m in self.modules if _packed_weights(m) is not None]
+        self.packed = list(map(_PACKED, self.packed_owners))
+
+    def unchanged(self) -> bool:
+        return self.plain_call() and self.same_tree()
 
     def same_tree(self) -> bool:
         """The same submodules and packed int8 weights as when the form was made."""
@@ -85,36 +98,16 @@ def same_values(dicts: list[dict], snapshot: list[Any]) -> bool:
 _TRAINING = operator.attrgetter("training")
 
 
-class ScriptedForward:
-    """Callable installed as a GraphModule's `_wrapped_call`: runs the TorchScript copy for the call's input
-    shapes when that is the same computation, the GraphModule's own Python forward otherwise."""
+class PerShapeCopies:
+    """Deep copies of a TorchScript module, one per input shape, made on the first call of each shape under
+    the engine the model was built for (a copy packs its weights afresh, so each caches its own kernels);
+    past MAX_SHAPE_COPIES shapes, the first copy serves the rest."""
 
-    def __init__(self, graph_module: fx.GraphModule, scripted: torch.jit.ScriptModule, engine: str,
-                 python_call: Callable[..., Any]):
-        self.engine = engine
-        self.python_call = python_call
-        self.code = graph_module.code
+    def __init__(self, scripted: torch.jit.ScriptModule, engine: str) -> None:
         self.scripted = scripted
-        self.state = ModuleTreeState(graph_module)
-        # by input shapes, in the order first seen. `scripted` itself serves none: it shares its packed weights
-        # with the GraphModule's modules, whose Python forward ran the calibration batches (and runs any call
-        # with hooks), so their kernels are cached for those shapes. Served at batch 1 after calibrating on
-        # batches of 4, it rebuilt its kernels on every call: timm's mnasnet_100 took 29.5 ms instead of 2.7.
-        self.copies: dict[tuple, torch.jit.ScriptModule] = {}
+        self.engine = engine
+        self.copies: dict[tuple, torch.jit.ScriptModule] = {}  # by input shapes, in the order first seen
         self.lock = threading.Lock()
-        # TorchScript returns a dict for an OrderedDict and a tuple for a namedtuple: the Python type back
-        self.output_type: Callable[[Any], Any] = _unchanged
-
-    def __call__(self, graph_module: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-        if kwargs or not self._runs_same_computation(graph_module, args):
-            return self.python_call(graph_module, *args, **kwargs)
-        return self.output_type(self._copy_for(_shapes(args))(*args))
-
-    def _runs_same_computation(self, graph_module: fx.GraphModule, args: tuple) -> bool:
-        for arg in args:
-            if type(arg) is not torch.Tensor or (arg.requires_grad and torch.is_grad_enabled()):
-                return False
-        return graph_module.code == self.code and self.state.unchanged()
 
     def _copy_for(self, shape: tuple) -> torch.jit.ScriptModule:
         copy_for_shape = self.copies.get(shape)
@@ -128,6 +121,33 @@ class ScriptedForward:
                     self.copies[shape] = copy.deepcopy(self.scripted)
             return self.copies[shape]
 
+
+class ScriptedForward(PerShapeCopies):
+    """Callable installed as a GraphModule's `_wrapped_call`: runs the TorchScript copy for the call's input
+    shapes when that is the same computation, the GraphModule's own Python forward otherwise.
+
+    `scripted` itself serves no shape: it shares its packed weights with the GraphModule's modules, whose
+    Python forward ran the calibration batches (and runs any call with hooks), so their kernels are cached
+    for those shapes. Served at batch 1 after calibrating on batches of 4, it rebuilt its kernels on every
+    call: timm's mnasnet_100 took 29.5 ms instead of 2.7."""
+
+    def __init__(self, graph_module: fx.GraphModule, scripted: torch.jit.ScriptModule, engine: str,
+                 python_call: Callable[..., Any]):
+        super().__init__(scripted, engine)
+        self.python_call = python_call
+        self.code = graph_module.code
+        self.state = ModuleTreeState(graph_module)
+        # TorchScript returns a dict for an OrderedDict and a tuple for a namedtuple: the Python type back
+        self.output_type: Callable[[Any], Any] = _unchanged
+
+    def __call__(self, graph_module: fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
+        if kwargs or not self._runs_same_computation(graph_module, args):
+            return self.python_call(graph_module, *args, **kwargs)
+        return self.output_type(self._copy_for(_shapes(args))(*args))
+
+    def _runs_same_computation(self, graph_module: fx.GraphModule, args: tuple) -> bool:
+        return _plain_tensors(args) and graph_module.code == self.code and self.state.unchanged()
+
     def __deepcopy__(self, memo: dict) -> None:
         # GraphModule's deepcopy rebuilds the module from its graph and drops this slot; copying the
         # TorchScript copies first would only cost time and memory
@@ -135,6 +155,37 @@ class ScriptedForward:
 
     def __reduce__(self) -> tuple:
         return (type(None), ())  # pickling a GraphModule rebuilds it from code; this slot is not kept
+
+
+class LoadedForward(PerShapeCopies):
+    """Callable installed as a loaded TorchScript module's `_compiled_call_impl` (what nn.Module's __call__
+    runs in place of its own dispatch when set): each input shape runs a copy of the module with its own
+    packed weights, as the returned GraphModule does. Calls with keyword or non-tensor arguments, inputs
+    that require grad, hooks, tracing, or a changed module tree or training flag run the module itself. A
+    deep copy of the module is a plain TorchScript module (the slot is not copied)."""
+
+    def __init__(self, module: torch.jit.ScriptModule, engine: str) -> None:
+        super().__init__(module, engine)
+        self.state = CallState(module)  # a TorchScript module's submodules cannot be swapped
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.scripted
+        if kwargs or not _plain_tensors(args) or not self.state.unchanged():
+            return module._call_impl(*args, **kwargs)
+        return self._copy_for(_shapes(args))(*args)
+
+
+def serve_loaded(module: torch.jit.ScriptModule, engine: str) -> None:
+    """Make calls of a loaded TorchScript int8 model run one copy per input shape (LoadedForward): onednn and
+    x86 keep the kernel each packed weight built for its first input shape, and a loaded MobileNetV2 that
+    had served batch 32 ran batch 1 in 6.7 ms against 3.4 ms for one that had not."""
+    module._compiled_call_impl = LoadedForward(module, engine)
+
+
+def _plain_tensors(args: tuple) -> bool:
+    """Every argument a plain tensor, none needing grad where grad is on."""
+    grad = torch.is_grad_enabled()
+    return all(type(arg) is torch.Tensor and not (grad and arg.requires_grad) for arg in args)
 
 
 def serve_scripted(graph_module: fx.GraphModule, example_inputs: tuple, engine: str) -> str:
@@ -175,6 +226,12 @@ def scripted_forward_of(model: nn.Module) -> ScriptedForward | None:
     """The TorchScript forward installed on `model` by serve_scripted, if any."""
     served = model.__dict__.get(_CALL_SLOT)
     return served if isinstance(served, ScriptedForward) else None
+
+
+def loaded_forward_of(module: nn.Module) -> LoadedForward | None:
+    """The per-shape dispatch installed on a loaded model by serve_loaded, if any."""
+    served = getattr(module, "_compiled_call_impl", None)
+    return served if isinstance(served, LoadedForward) else None
 
 
 def _unchanged(output: Any) -> Any:
