@@ -8,6 +8,8 @@ random weights, BatchNorm statistics re-estimated on photo crops: bench/models.p
   compiled and warmed up before any timing; a failed or capped compile is the row's reason);
 - fxq's returned module: `fxq.quantize(model, (example,), calibration_data=calibration)`, run as returned;
 - fxq's TorchScript: that module through `fxq.save` and `fxq.load`;
+- fxq's int8 model in OpenVINO and in ONNX Runtime: `fxq.export_onnx` (conv_add='fused' for OpenVINO, whose
+  conv + add kernel takes it; 'auto' for ONNX Runtime, bench/onnx_runtimes.py), compiled / loaded there;
 - OpenVINO int8: `nncf.quantize` (defaults) of the OpenVINO model read from torch.onnx.export's file,
   compiled for CPU;
 - ONNX Runtime int8: `quantize_static` (QDQ, per-channel) of the same file, CPU provider.
@@ -55,6 +57,7 @@ from bench.onnx_runtimes import (EVAL_BATCH, Runner, export_float_onnx, latencie
                                  ort_runner, ort_session, ov_compile, ov_nncf_quantize, ov_runner, torch_runner)
 from bench.protocol import (CALIBRATION_SEED, EVAL_SEED, model_and_crops, sqnr_db, top1_agreement)
 from bench.suite import Failure, attempt, compile_first_call, timed
+from fxq.export import export_onnx
 from fxq.report.latency import cpu_name, isa_limits
 
 warnings.filterwarnings("ignore")
@@ -64,7 +67,10 @@ MODELS = ("mobilenet_v2", "resnet50")
 FLOAT, COMPILE, FXQ, FXQ_SCRIPT, OPENVINO, ORT = (
     "float eager", "torch.compile float (inductor)", "fxq returned module", "fxq TorchScript (save + load)",
     "OpenVINO int8 (nncf.quantize)", "ONNX Runtime int8 (quantize_static QDQ, per-channel)")
-RUNTIME = {OPENVINO: "openvino", ORT: "onnxruntime"}  # every other row runs on torch
+FXQ_OPENVINO, FXQ_ORT = ("fxq int8 exported (export_onnx, conv_add='fused') in OpenVINO",
+                         "fxq int8 exported (export_onnx, conv_add='auto') in ONNX Runtime")
+# every other row runs on torch
+RUNTIME = {OPENVINO: "openvino", ORT: "onnxruntime", FXQ_OPENVINO: "openvino", FXQ_ORT: "onnxruntime"}
 AFTER_BATCH32 = (FXQ, FXQ_SCRIPT)  # rows timed at batch 1 again after batch 32 (onednn's per-shape kernels)
 QUICK = {"calibration": 16, "eval": 32, "rounds": 2, "warmup": 1}
 
@@ -83,12 +89,14 @@ class Row:
 
 
 def fxq_rows(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], directory: Path,
-             failures: list[Failure], name: str) -> list[Row]:
-    """fxq's returned module, and its TorchScript form through fxq.save / fxq.load."""
+             threads: int, failures: list[Failure], name: str) -> list[Row]:
+    """fxq's returned module, its TorchScript form through fxq.save / fxq.load, and the same int8 model
+    exported as ONNX QDQ and run by OpenVINO (conv_add='fused', its own conv + add kernel) and by ONNX Runtime
+    (conv_add='auto'), as bench/onnx_runtimes.py measures them."""
     outcome = attempt(failures, name, FXQ, "quantize",
                       lambda: timed(lambda: fxq.quantize(model, (example,), calibration_data=calibration)))
     if isinstance(outcome, Failure):
-        return [Row(FXQ, outcome), Row(FXQ_SCRIPT, outcome)]
+        return [Row(flow, outcome) for flow in (FXQ, FXQ_SCRIPT, FXQ_OPENVINO, FXQ_ORT)]
     quantized, seconds = outcome
     summary = fxq.summary_of(quantized)
     note = f"engine {summary.engine}" + (f", {len(summary.float_layers)} layers float" if summary.float_layers else "")
@@ -97,7 +105,27 @@ def fxq_rows(model: nn.Module, example: torch.Tensor, calibration: list[torch.Te
                      lambda: timed(lambda: fxq.load(fxq.save(quantized, path, (example,)))))
     script_row = Row(FXQ_SCRIPT, loaded) if isinstance(loaded, Failure) else Row(
         FXQ_SCRIPT, torch_runner(loaded[0]), seconds + loaded[1], f"quantize + {loaded[1]:.1f} s save/load")
-    return [Row(FXQ, torch_runner(quantized), seconds, note), script_row]
+    return [Row(FXQ, torch_runner(quantized), seconds, note), script_row] + exported_rows(
+        quantized, seconds, example, calibration, directory, threads, failures, name)
+
+
+def exported_rows(quantized: nn.Module, quantize_s: float, example: torch.Tensor, calibration: list[torch.Tensor],
+                  directory: Path, threads: int, failures: list[Failure], name: str) -> list[Row]:
+    """fxq's int8 model exported as ONNX QDQ, compiled by OpenVINO and loaded by ONNX Runtime."""
+    rows = []
+    if importlib.util.find_spec("openvino") is None:
+        rows.append(Row(FXQ_OPENVINO, Failure(name, FXQ_OPENVINO, "import", "openvino not installed", "")))
+    else:
+        built = attempt(failures, name, FXQ_OPENVINO, "export + compile", lambda: timed(lambda: ov_compile(
+            export_onnx(quantized, directory / f"{name}.fxq_fused.onnx", example), threads)))
+        rows.append(Row(FXQ_OPENVINO, built) if isinstance(built, Failure) else Row(
+            FXQ_OPENVINO, ov_runner(built[0]), quantize_s + built[1], f"quantize + {built[1]:.1f} s export, compile"))
+    built = attempt(failures, name, FXQ_ORT, "export + session", lambda: timed(lambda: ort_session(export_onnx(
+        quantized, directory / f"{name}.fxq_auto.onnx", example, conv_add="auto", calibration_data=calibration),
+        threads)))
+    rows.append(Row(FXQ_ORT, built) if isinstance(built, Failure) else Row(
+        FXQ_ORT, ort_runner(built[0]), quantize_s + built[1], f"quantize + {built[1]:.1f} s export, session"))
+    return rows
 
 
 def onnx_rows(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], directory: Path,
@@ -168,7 +196,8 @@ def benchmark(name: str, args: argparse.Namespace, failures: list[Failure]) -> t
     with tempfile.TemporaryDirectory(prefix="fxq-serving-") as name_dir:
         directory = Path(name_dir)
         print(f"{name}: fxq.quantize", flush=True)
-        rows = [Row(FLOAT, torch_runner(model))] + fxq_rows(model, example, calibration, directory, failures, name)
+        rows = [Row(FLOAT, torch_runner(model))] + fxq_rows(model, example, calibration, directory, args.threads,
+                                                                   failures, name)
         print(f"{name}: OpenVINO and ONNX Runtime int8", flush=True)
         rows += onnx_rows(model, example, calibration, directory, args.threads, failures, name)
         print(f"{name}: torch.compile", flush=True)
