@@ -170,13 +170,19 @@ def latencies_ms(runners: dict[str, Runner], batch: np.ndarray, rounds: int, per
     """Median ms per call of each runner on `batch`, the runners timed in turns (a slow spell of the machine
     falls on all of them). Pass runners of one runtime at a time: each runtime's idle threads spin for a
     while after a call and take the cores of another's (torch's float MobileNetV2 at batch 1: 86 ms alone,
-    139 ms right after ONNX Runtime calls, on this 2-core machine shared with other jobs)."""
+    139 ms right after ONNX Runtime calls, on this 2-core machine shared with other jobs).
+
+    Each turn starts with one untimed call: a served model runs call after call on its own weights, in
+    cache, while in turns the previous runner's weights (a float ResNet-50's 100 MB) have evicted them.
+    Without it the first call of each turn was a third of the samples, and fxq's int8 ResNet-50 took 10.1 ms
+    at batch 1 among the float rows against 6.7 ms timed in blocks of 20 calls."""
     for run in runners.values():
         for _ in range(warmup):
             run(batch)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
+            run(batch)
             for _ in range(per_round):
                 start = time.perf_counter()
                 run(batch)
