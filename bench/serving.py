@@ -287,7 +287,8 @@ def main() -> None:
             f"# Serving int8 models: fxq against torch.compile, OpenVINO and ONNX Runtime\n\n{header}.\n\n"
             f"`python -m bench.serving --markdown{' --quick' if args.quick else ''}`; latencies are medians after "
             f"warm-up, every row of a model timed interleaved in one process (batch 1: {args.rounds} rounds of 3 "
-            f"calls; batch {EVAL_BATCH}: {max(2, args.rounds // 2)} rounds of 1), the ratio against float eager "
+            f"calls; batch {EVAL_BATCH}: {max(2, args.rounds // 2)} rounds of 1; each turn after one untimed call, "
+            "as a served model has its weights in cache), the ratio against float eager "
             "timed in the same rounds. Method: bench/serving.py's docstring.\n\n"
             + tabulate(table, headers=HEADERS, tablefmt="github") + "\n"
             + "".join(f"\n- {failure.model} {failure.flow} {failure.stage}: {failure.reason}" for failure in failures)
