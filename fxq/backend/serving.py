@@ -31,8 +31,8 @@ from torch.nn.modules import module as module_globals
 
 from fxq.backend.engine import using_engine
 
-__all__ = ["MAX_SHAPE_COPIES", "CallState", "ModuleTreeState", "same_values", "PerShapeCopies", "ScriptedForward", "serve_scripted",
-           "scripted_forward_of", "LoadedForward", "serve_loaded", "loaded_forward_of"]
+__all__ = ["MAX_SHAPE_COPIES", "CallState", "ModuleTreeState", "same_values", "PerShapeCopies", "ScriptedForward",
+           "serve_scripted", "scripted_forward_of", "LoadedForward", "serve_loaded", "loaded_forward_of"]
 
 # Copies of the TorchScript form kept per distinct input shape (each holds its own packed weights).
 MAX_SHAPE_COPIES = 8
@@ -161,12 +161,13 @@ class LoadedForward(PerShapeCopies):
     """Callable installed as a loaded TorchScript module's `_compiled_call_impl` (what nn.Module's __call__
     runs in place of its own dispatch when set): each input shape runs a copy of the module with its own
     packed weights, as the returned GraphModule does. Calls with keyword or non-tensor arguments, inputs
-    that require grad, hooks, tracing, or a changed module tree or training flag run the module itself. A
-    deep copy of the module is a plain TorchScript module (the slot is not copied)."""
+    that require grad, tracing or compiling, or a training flag changed since loading run the module itself
+    (TorchScript modules take no Python hooks, and their submodules cannot be swapped). A deep copy of the
+    module is a plain TorchScript module (the slot is not copied)."""
 
     def __init__(self, module: torch.jit.ScriptModule, engine: str) -> None:
         super().__init__(module, engine)
-        self.state = CallState(module)  # a TorchScript module's submodules cannot be swapped
+        self.state = CallState(module)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.scripted
