@@ -7,11 +7,11 @@ model (defaults); its export in ONNX Runtime (CPU provider) and in OpenVINO (CPU
 residual add written each way (fxq/export/conv_add.py; "auto", which measures its choice in ONNX Runtime,
 only there); ONNX Runtime's own `quantize_static` (QDQ, per-channel int8 weights, uint8 activations,
 MinMax, after `quant_pre_process`) and OpenVINO's own `nncf.quantize` (default preset, one crop per
-calibration item, bench/compare_flows.py) of the float model exported by torch.onnx.export; and each runtime's float model for reference. Per row: logits SQNR against
-float (and for the exports, the difference from the torch int8 model they were exported from), top-1
-agreement with float, how many convs run an int8 kernel in the runtime's optimized graph, batch-1 and
-batch-32 latency medians after warm-up (the runners of one runtime timed in turns, one runtime after the
-other).
+calibration item, bench/compare_flows.py) of the float model exported by torch.onnx.export; and each
+runtime's float model for reference. Per row: logits SQNR against float (and for the exports, the
+difference from the torch int8 model they were exported from), top-1 agreement with float, how many convs
+run an int8 kernel in the runtime's optimized graph, batch-1 and batch-32 latency medians after warm-up
+(the runners of one runtime timed in turns, one runtime after the other).
 
     OMP_WAIT_POLICY=PASSIVE python -m bench.onnx_runtimes [--models mobilenet_v2 resnet50] [--threads 2]
                                                           [--eval 256] [--markdown]
