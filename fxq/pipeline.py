@@ -123,6 +123,15 @@ class FloatGraph:
     equalized_pairs: int
     # the calibration batches as fxq's own passes over the graph take them (calibration.channels_last_batches)
     pass_batches: list[Batch]
+    # fbgemm_depthwise_times(graph, example inputs, "x86") when the engine choice timed them, else None
+    x86_depthwise_us: dict[str, tuple[float, float]] | None = None
+
+    def depthwise_times_us(self, example_inputs: Batch) -> dict[str, tuple[float, float]]:
+        """fbgemm_depthwise_times on the chosen engine, reusing the engine choice's timings (shapes do not
+        change after it, only equalized weights)."""
+        if self.choice.engine == "x86" and self.x86_depthwise_us is not None:
+            return self.x86_depthwise_us
+        return fbgemm_depthwise_times(self.traced.graph, example_inputs, self.choice.engine)
 
 
 @dataclass
@@ -239,8 +248,15 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
         checks = [_check_function(expected, traced, example_inputs, "tracing, BatchNorm folding and clamp fusion",
                                   "an op was lost or changed in tracing, e.g. an in-place method whose result is "
                                   "unused (x.add_(y)), which FX drops: write x = x + y", TraceError)]
+    x86_depthwise_us = None
+
+    def slow_depthwise() -> list[str]:  # timed only when the choice hinges on it; kept for the island planner
+        nonlocal x86_depthwise_us
+        x86_depthwise_us = fbgemm_depthwise_times(gm, example_inputs, "x86")
+        return slow_fbgemm_depthwise(x86_depthwise_us)
+
     choice = engine_for_graph(choice, options, has_conv_adds=bool(fusable_convs(gm, example_inputs)),
-                              fbgemm_depthwise=lambda: slow_fbgemm_depthwise(gm, example_inputs))
+                              fbgemm_depthwise=slow_depthwise)
     pass_batches = channels_last_batches(gm, batches)
     equalized, check = [], OutputCheck(traced.work, batches)
     if options.equalize:
@@ -257,7 +273,7 @@ def build_float_graph(traced: TracedModel, example_inputs: Batch, batches: list[
                                           "the model"))
     check.finish()  # the batches equalization did not run (all of them without it)
     return FloatGraph(traced, choice, [f"{r.kind}: {' + '.join(r.modules)}" for r in rewrites]
-                      + [line for line in checks if line], len(equalized), pass_batches)
+                      + [line for line in checks if line], len(equalized), pass_batches, x86_depthwise_us)
 
 
 def quantize_model(model: nn.Module, example_inputs: Batch, calibration_data: Iterable[Any] | None,
@@ -452,7 +468,7 @@ def _quantize_static(float_graph: FloatGraph, example_inputs: Batch, batches: li
         with timer.step("islands"):
             plan = find_float_islands(gm, example_inputs, quantizes_op, choice.engine,
                                       non_traceable + covered_modules(gm, keep_float),
-                                      fbgemm_depthwise_times(gm, example_inputs, choice.engine))
+                                      float_graph.depthwise_times_us(example_inputs))
             ops_in_float = float_ops(gm, plan, leaves, keep_float)  # before outlining renames the island ops
             island_modules = keep_islands_float(gm, plan)
     else:

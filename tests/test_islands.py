@@ -170,6 +170,30 @@ def test_depthwise_convs_x86_sends_to_fbgemm_are_timed_not_looked_up():
         assert sqnr(model(photos), auto(photos)) > 25
 
 
+@pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
+def test_depthwise_convs_timed_for_the_engine_choice_are_not_timed_again_by_the_planner(monkeypatch):
+    """backend='auto' times x86's fbgemm depthwise convs to decide between onednn and x86; when x86 wins,
+    the island planner takes those timings instead of timing the convs again."""
+    from fxq import pipeline
+    from fxq.backend import depthwise_times
+
+    model, photos = _dilated_depthwise_model()
+    calls = []
+
+    def fast_depthwise(gm, example_inputs, engine):  # every fbgemm depthwise conv faster in int8
+        calls.append(engine)
+        return {"2": (100.0, 10.0)} if engine in ("x86", "fbgemm") else {}
+
+    for module in (pipeline, depthwise_times):
+        monkeypatch.setattr(module, "fbgemm_depthwise_times", fast_depthwise)
+    quantized = fxq.quantize(model, photos[:1], calibration_data=list(photos.split(2)), **FAST)
+    summary = fxq.summary_of(quantized)
+    if summary.engine != "x86":
+        pytest.skip(f"auto chose {summary.engine} here: {summary.engine_reason}")
+    assert calls == ["x86"]
+    assert op_kinds.weighted_layers(quantized).int8 == ["0", "2", "4", "6"]
+
+
 @pytest.mark.slow  # wall-clock: on the AMD EPYC of 2026-12-03 it failed 3 of 10 runs alone (1.04x float in CI)
 @pytest.mark.skipif("x86" not in torch.backends.quantized.supported_engines, reason="x86 engine only")
 def test_slow_int8_kernel_left_float_beats_float():

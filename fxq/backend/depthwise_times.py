@@ -62,11 +62,9 @@ def _fbgemm_depthwise_convs(gm: fx.GraphModule) -> dict[str, nn.Conv2d]:
     return dict(convs.values())
 
 
-def slow_fbgemm_depthwise(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[str]:
-    """The depthwise convs of `gm` that x86 would run on fbgemm and that take longer in int8 than in float
-    there, timed at the example inputs' shapes."""
-    return [name for name, (float_us, int8_us) in fbgemm_depthwise_times(gm, example_inputs, "x86").items()
-            if int8_us > float_us]
+def slow_fbgemm_depthwise(times_us: dict[str, tuple[float, float]]) -> list[str]:
+    """The convs of `fbgemm_depthwise_times`'s result that take longer in int8 than in float."""
+    return [name for name, (float_us, int8_us) in times_us.items() if int8_us > float_us]
 
 
 def fbgemm_depthwise_times(gm: fx.GraphModule, example_inputs: tuple[Any, ...], engine: str
